@@ -1,0 +1,11 @@
+"""agsearch: make classifier-free guidance cheap.
+
+Search per-step guidance policies, export them as JSON, apply them at inference and evaluate
+them side by side. See README.md and DESIGN notes in the repository.
+"""
+
+from agsearch.policy import Policy, PolicyError
+from agsearch.sampling import SampleOutput, sample
+
+__version__ = "0.1.0"
+__all__ = ["Policy", "PolicyError", "sample", "SampleOutput", "__version__"]

@@ -1,0 +1,79 @@
+"""Training-free guidance policies a user would otherwise pick by hand, as policy files.
+
+    cfg          full CFG at every step (2T NFE)
+    cond         the conditional pass only (T NFE)
+    cutoff       CFG for the first round(F·T) steps, then ``cond``: Step-AG, diffusers'
+                 ``SDCFGCutoffCallback`` / ``ClassifierFreeGuidance(start, stop)``
+    interval     CFG only for steps whose position i/T lies in [A, B) (guidance interval,
+                 Kynkäänniemi et al., NeurIPS 2024, arXiv 2404.07724)
+    alternating  CFG on even steps, ``cond`` on odd ones
+    ag           the Adaptive Guidance rule (Castillo et al., arXiv 2312.12487): per sample, CFG
+                 until cos(pred_c, pred_u) reaches a threshold, then ``cond``
+"""
+
+from __future__ import annotations
+
+import math
+
+from agsearch.policy import Policy
+
+BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag")
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"Expected {name} to be between 0.0 and 1.0, but got {value}")
+
+
+def cutoff_ops(steps: int, fraction: float) -> list[str]:
+    _check_unit("fraction", fraction)
+    k = round(fraction * steps)
+    return ["cfg"] * k + ["cond"] * (steps - k)
+
+
+def interval_ops(steps: int, start: float, stop: float) -> list[str]:
+    _check_unit("start", start)
+    _check_unit("stop", stop)
+    if start > stop:
+        raise ValueError(f"Expected start <= stop, but got start={start} and stop={stop}")
+    return ["cfg" if start <= i / steps < stop else "cond" for i in range(steps)]
+
+
+def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None = None,
+                  start: float | None = None, stop: float | None = None,
+                  threshold: float | None = None, space: str = "x0") -> Policy:
+    """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"Expected steps to be a positive integer, but got {steps}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"Expected scale to be a finite number >= 0, but got {scale}")
+    options: dict = {}
+    if name == "cfg":
+        ops, label = ["cfg"] * steps, "cfg"
+    elif name == "cond":
+        ops, label = ["cond"] * steps, "cond"
+    elif name == "cutoff":
+        if fraction is None:
+            raise ValueError("cutoff needs --fraction F (CFG for the first round(F*T) steps)")
+        ops, options = cutoff_ops(steps, fraction), {"fraction": fraction}
+        label = f"cutoff-{ops.count('cfg')}/{steps}"
+    elif name == "interval":
+        if start is None or stop is None:
+            raise ValueError("interval needs --start A and --stop B (CFG where i/T is in [A, B))")
+        ops, options = interval_ops(steps, start, stop), {"start": start, "stop": stop}
+        on = [i for i, op in enumerate(ops) if op == "cfg"]
+        label = f"interval-{on[0]}:{on[-1] + 1}/{steps}" if on else f"interval-empty/{steps}"
+    elif name == "alternating":
+        ops, label = ["cfg" if i % 2 == 0 else "cond" for i in range(steps)], "alternating"
+    elif name == "ag":
+        if threshold is None:
+            raise ValueError("ag needs --threshold G")
+        if space not in ("x0", "eps"):
+            raise ValueError(f"Expected space to be 'x0' or 'eps', but got {space!r}")
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and -1 <= threshold <= 1):
+            raise ValueError(f"Expected threshold to be between -1.0 and 1.0, but got {threshold}")
+        return Policy.adaptive(steps, scale, threshold, space, name=f"ag-{space}-{threshold:g}",
+                               provenance={"baseline": "ag", "options": {"threshold": threshold, "space": space}})
+    else:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+    return Policy.static(ops, scale, name=label, provenance={"baseline": name, "options": options})

@@ -1,0 +1,231 @@
+"""The ``agsearch`` command line.
+
+Exit codes: 0 success; 2 bad input (unreadable or invalid policy, unknown model or baseline, bad
+option), with one line on stderr and no traceback; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from agsearch.policy import PolicyError, atomic_write_text
+
+MODELS = ("digits",)
+
+
+class BadInput(Exception):
+    """Input the user can fix; the CLI prints it as one line and exits with code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        raise BadInput(f"{self.prog}: {message} (see --help)")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _settings() -> dict:
+    from agsearch.models.digits import benchmark_settings
+
+    return benchmark_settings()
+
+
+def _check_model(name: str) -> None:
+    if name not in MODELS:
+        raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+
+
+def _check_out(path: Path) -> None:
+    if path.is_dir():
+        raise BadInput(f"output path {path} is a directory; give a file name")
+
+
+# -- subcommands ------------------------------------------------------------------------------------
+def cmd_baseline(args) -> int:
+    from agsearch.baselines import make_baseline
+
+    settings = _settings()
+    steps = args.steps or settings["num_inference_steps"]
+    scale = settings["guidance_scale"] if args.scale is None else args.scale
+    threshold = args.threshold
+    if args.name == "ag" and threshold is None:
+        threshold = settings.get("ag_threshold")
+    _check_out(args.out)
+    policy = make_baseline(args.name, steps, scale, fraction=args.fraction, start=args.start,
+                           stop=args.stop, threshold=threshold, space=args.space)
+    policy.provenance.setdefault("model", "agsearch-digits")
+    policy.save(args.out)
+    nfe = policy.nfe if policy.nfe is not None else f"adaptive, at most {policy.max_nfe}"
+    print(f"wrote {args.out} ({policy.label()}, NFE {nfe} of {2 * steps})")
+    return 0
+
+
+def _load_policies(paths, steps: int, resample: bool):
+    from agsearch.policy import Policy
+
+    policies = []
+    for path in paths:
+        policy = Policy.load(path)
+        try:
+            policies.append(policy.for_steps(steps, resample))
+        except PolicyError as e:
+            raise PolicyError(e.reason, e.pointer, str(path)) from None
+    return policies
+
+
+def cmd_eval(args) -> int:
+    from agsearch.evaluation import DigitsEvaluator, format_table
+
+    _check_model(args.model)
+    steps = args.steps or _settings()["num_inference_steps"]
+    if args.json is not None:
+        _check_out(args.json)
+    policies = _load_policies(args.policy, steps, args.resample)  # all input checked before sampling
+    evaluator = DigitsEvaluator(samples=args.samples, seed=args.seed, scheduler=args.scheduler,
+                                batch_size=args.batch_size, device=args.device,
+                                progress=not args.no_progress)
+    records = []
+    for path, policy in zip(args.policy, policies):
+        record = evaluator.evaluate(policy).as_dict()
+        record["policy_file"] = str(path)
+        records.append(record)
+    print(format_table(records, markdown=args.markdown))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from agsearch.bench import run_benchmark
+
+    _check_model(args.model)
+    run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
+                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                  quick=args.quick)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from agsearch.policy import Policy
+
+    for path in args.policy:
+        policy = Policy.load(path)
+        if policy.kind == "static":
+            ops = policy.ops_string()
+            print(f"{path}: static, {policy.num_inference_steps} steps, w={policy.guidance_scale:g}, "
+                  f"NFE {policy.nfe} of {2 * policy.num_inference_steps}  [{ops}]  (C=cfg c=cond u=uncond)")
+        else:
+            rule = ", ".join(f"{k}={v}" for k, v in policy.rule.items())
+            print(f"{path}: adaptive, {policy.num_inference_steps} steps, w={policy.guidance_scale:g}, {rule}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="agsearch", description="Search, export, apply and evaluate cheap CFG policies.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("baseline", help="write a named training-free baseline policy",
+                       description="Write a training-free baseline policy file. --steps and --scale "
+                                   "default to the built-in model's benchmark settings.")
+    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps T")
+    p.add_argument("--scale", type=_nonneg_float, help="guidance scale w")
+    p.add_argument("--fraction", type=_finite_float, help="cutoff: CFG for the first round(F*T) steps")
+    p.add_argument("--start", type=_finite_float, help="interval: CFG where i/T is in [start, stop)")
+    p.add_argument("--stop", type=_finite_float, help="interval: end of the window (exclusive)")
+    p.add_argument("--threshold", type=_finite_float,
+                   help="ag: cosine threshold (default: the built-in model's calibrated one)")
+    p.add_argument("--space", choices=("x0", "eps"), default="x0", help="ag: where the cosine is taken")
+    p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("eval", help="evaluate policies side by side on the built-in model",
+                       description="Sample each policy from the same noise and report NFE, class "
+                                   "accuracy, MSE/PSNR against full CFG, Fréchet distance, wall time.")
+    p.add_argument("--policy", action="append", type=Path, required=True, help="policy JSON (repeatable)")
+    p.add_argument("--model", default="digits", help="built-in model (digits)")
+    p.add_argument("--samples", type=_positive_int, default=1000, help="samples per policy (balanced classes)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="noise seed: sample i uses seed*10^6+i (search seeds use 0, so 1+ are held out)")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: benchmark's)")
+    p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
+    p.add_argument("--scheduler", choices=("ddim", "euler", "dpm++"), default="ddim")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="write the records as JSON here")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmark every baseline into a markdown table and plots",
+                       description="Evaluate full CFG, cond, cutoff and interval sweeps, alternating "
+                                   "and AG at several thresholds; write benchmark.md/.json and PNG fronts.")
+    p.add_argument("--model", default="digits", help="built-in model (digits)")
+    p.add_argument("--out-dir", type=Path, default=Path("results"))
+    p.add_argument("--samples", type=_positive_int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="a few policies only (smoke test)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("show", help="validate policy files and print a one-line summary of each")
+    p.add_argument("policy", nargs="+", type=Path)
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except (BadInput, PolicyError, ValueError) as e:
+        print(f"agsearch: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"agsearch: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("agsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Guidance policies: the agsearch policy file (JSON, version 1) and its validation.
+
+A policy says, for each of ``num_inference_steps`` sampling steps, which guidance operation the
+sampler runs (``kind: "static"``), or gives a per-sample rule that decides it while sampling
+(``kind: "adaptive"``, e.g. the Adaptive Guidance cosine rule of Castillo et al., arXiv 2312.12487).
+
+    op       computes                          NFE
+    cfg      ε_u + w_t (ε_c − ε_u)              2
+    cond     ε_c (unconditional pass skipped)  1
+    uncond   ε_u                               1
+
+The JSON Schema ships as ``agsearch/schema/policy.schema.json``. Every error raised while loading
+or validating is a :class:`PolicyError` whose one-line message names the file, the JSON pointer of
+the offending field and the bad value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+FORMAT = "agsearch.policy"
+VERSION = 1
+OP_NFE = {"cfg": 2, "cond": 1, "uncond": 1}
+RULES = ("ag_cosine",)
+
+
+class PolicyError(ValueError):
+    """An invalid policy: ``pointer`` is the JSON pointer of the bad field ("" for the document)."""
+
+    def __init__(self, message: str, pointer: str = "", source: str | None = None):
+        self.pointer, self.source, self.reason = pointer, source, message
+        where = ": ".join(p for p in (source, pointer or None) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The policy file's JSON Schema (draft 2020-12)."""
+    text = resources.files("agsearch").joinpath("schema/policy.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def _pointer(path) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, allow_nan=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_finite(value: Any, path=()) -> None:
+    """JSON has no NaN or infinity; Python dicts can, and the schema's bounds do not catch NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(f"{value} is not a finite number", _pointer(path))
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, (*path, i))
+
+
+def validate(document: Any) -> None:
+    """Raise :class:`PolicyError` unless ``document`` (parsed JSON) is a valid version-1 policy."""
+    import jsonschema
+
+    _check_finite(document)
+    validator = jsonschema.Draft202012Validator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    if error is not None:
+        message = error.message
+        if error.validator in ("type", "enum", "const", "minimum", "maximum"):
+            # jsonschema prints the whole instance; keep the line short but keep the bad value.
+            message = f"{_short(error.instance)} is invalid: expected " + {
+                "type": f"type {error.validator_value!r}",
+                "enum": f"one of {error.validator_value}",
+                "const": f"{error.validator_value!r}",
+                "minimum": f"a value >= {error.validator_value}",
+                "maximum": f"a value <= {error.validator_value}",
+            }[error.validator]
+        elif error.validator == "not" and tuple(error.relative_schema_path)[-2:] == ("else", "not"):
+            message = f"'scale' is only allowed on 'cfg' steps, not on {_short(error.instance.get('op'))}"
+        elif error.validator == "not":
+            other = "rule" if document.get("kind") == "static" else "steps"
+            message = f"a {document.get('kind')} policy must not have '{other}'"
+        raise PolicyError(message, _pointer(error.absolute_path))
+    # What the schema cannot say.
+    steps = document.get("steps")
+    if steps is not None and len(steps) != document["num_inference_steps"]:
+        raise PolicyError(
+            f"{len(steps)} steps listed but num_inference_steps is {document['num_inference_steps']}",
+            "/steps",
+        )
+    if steps is not None and "nfe" in document:
+        expected = sum(OP_NFE[s["op"]] for s in steps)
+        if document["nfe"] != expected:
+            raise PolicyError(f"{_short(document['nfe'])} does not match the steps, which cost {expected}", "/nfe")
+
+
+@dataclass
+class Policy:
+    """A guidance policy: a static list of per-step ops, or an adaptive rule.
+
+    ``steps`` items are ``{"op": "cfg", "scale": 1.5}``, ``{"op": "cond"}`` or ``{"op": "uncond"}``
+    (a ``cfg`` step without ``scale`` uses ``guidance_scale``). ``rule`` is e.g.
+    ``{"rule": "ag_cosine", "space": "x0", "threshold": 0.99}``.
+    """
+
+    kind: str
+    num_inference_steps: int
+    guidance_scale: float
+    steps: list[dict] | None = None
+    rule: dict | None = None
+    name: str | None = None
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        validate(self._document())
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def static(cls, ops: list[str | dict], guidance_scale: float, **kwargs) -> "Policy":
+        """A static policy from op names or step dicts, one per sampling step."""
+        steps = [{"op": op} if isinstance(op, str) else dict(op) for op in ops]
+        return cls("static", len(steps), guidance_scale, steps=steps, **kwargs)
+
+    @classmethod
+    def adaptive(cls, num_inference_steps: int, guidance_scale: float, threshold: float,
+                 space: str = "x0", **kwargs) -> "Policy":
+        """The Adaptive Guidance rule: CFG until cos(cond, uncond) in ``space`` reaches ``threshold``."""
+        rule = {"rule": "ag_cosine", "space": space, "threshold": threshold}
+        return cls("adaptive", num_inference_steps, guidance_scale, rule=rule, **kwargs)
+
+    @classmethod
+    def from_dict(cls, document: Any, source: str | None = None) -> "Policy":
+        try:
+            validate(document)
+        except PolicyError as e:
+            raise PolicyError(e.reason, e.pointer, source) from None
+        return cls(
+            kind=document["kind"],
+            num_inference_steps=document["num_inference_steps"],
+            guidance_scale=document["guidance_scale"],
+            steps=[dict(s) for s in document["steps"]] if "steps" in document else None,
+            rule=dict(document["rule"]) if "rule" in document else None,
+            name=document.get("name"),
+            provenance=dict(document.get("provenance", {})),
+            metrics=dict(document.get("metrics", {})),
+        )
+
+    @classmethod
+    def loads(cls, text: str, source: str | None = None) -> "Policy":
+        def no_constants(name):
+            raise PolicyError(f"invalid JSON: {name} is not allowed", source=source)
+
+        try:
+            document = json.loads(text, parse_constant=no_constants)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", source=source) from None
+        except RecursionError:
+            raise PolicyError("invalid JSON: nested too deeply", source=source) from None
+        return cls.from_dict(document, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Policy":
+        """Read and validate a policy file."""
+        path = Path(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise PolicyError(f"cannot read policy file: {e.strerror or e}", source=str(path)) from None
+        except UnicodeDecodeError:
+            raise PolicyError("not a UTF-8 text file", source=str(path)) from None
+        return cls.loads(text, str(path))
+
+    # -- serialisation --------------------------------------------------------------------------
+    def _document(self) -> dict:
+        doc: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+        if self.name is not None:
+            doc["name"] = self.name
+        doc.update(kind=self.kind, num_inference_steps=self.num_inference_steps,
+                   guidance_scale=self.guidance_scale)
+        if self.steps is not None:
+            doc["steps"] = self.steps
+            doc["nfe"] = sum(OP_NFE[s.get("op")] for s in self.steps if s.get("op") in OP_NFE)
+        if self.rule is not None:
+            doc["rule"] = self.rule
+        doc["provenance"] = self.provenance
+        doc["metrics"] = self.metrics
+        return doc
+
+    def to_dict(self) -> dict:
+        validate(doc := json.loads(json.dumps(self._document())))
+        return doc
+
+    def dumps(self) -> str:
+        """Indented JSON with one line per step, so a policy reads top to bottom."""
+        doc = self.to_dict()
+        steps = doc.pop("steps", None)
+        text = json.dumps(doc, indent=2, ensure_ascii=False)
+        if steps is not None:
+            lines = ",\n".join("    " + json.dumps(s, ensure_ascii=False) for s in steps)
+            head, _, tail = text.partition('\n  "provenance"')
+            text = f'{head}\n  "steps": [\n{lines}\n  ],\n  "provenance"{tail}'
+        return text + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the policy as JSON, atomically (a temporary file renamed into place)."""
+        return atomic_write_text(path, self.dumps())
+
+    # -- queries --------------------------------------------------------------------------------
+    @property
+    def nfe(self) -> int | None:
+        """Denoiser evaluations per sample; ``None`` for an adaptive policy (it varies per sample)."""
+        if self.kind != "static":
+            return None
+        return sum(OP_NFE[s["op"]] for s in self.steps)
+
+    @property
+    def max_nfe(self) -> int:
+        return self.nfe if self.nfe is not None else 2 * self.num_inference_steps
+
+    def scale_at(self, i: int) -> float:
+        """The guidance scale of a ``cfg`` step ``i``."""
+        return float(self.steps[i].get("scale", self.guidance_scale)) if self.steps else float(self.guidance_scale)
+
+    def ops_string(self) -> str:
+        """One letter per step: C = cfg, c = cond, u = uncond ("" for an adaptive policy)."""
+        return "".join({"cfg": "C", "cond": "c", "uncond": "u"}[s["op"]] for s in self.steps or [])
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "adaptive":
+            return f"ag-{self.rule.get('space', 'x0')}-{self.rule['threshold']:g}"
+        return self.ops_string()
+
+    def resample(self, num_inference_steps: int) -> "Policy":
+        """The same policy for another step count: new step j takes the op of the old step at the
+        same position in [0, 1] (its midpoint ``(j + 0.5) / T_new``)."""
+        if num_inference_steps < 1:
+            raise PolicyError(f"cannot resample to {num_inference_steps} steps", "/num_inference_steps")
+        provenance = {**self.provenance, "resampled_from": self.num_inference_steps}
+        steps = None
+        if self.steps is not None:
+            old = self.num_inference_steps
+            steps = [dict(self.steps[min(old - 1, int((j + 0.5) * old / num_inference_steps))])
+                     for j in range(num_inference_steps)]
+        return Policy(self.kind, num_inference_steps, self.guidance_scale, steps=steps,
+                      rule=dict(self.rule) if self.rule else None, name=self.name,
+                      provenance=provenance, metrics={})
+
+    def for_steps(self, num_inference_steps: int, resample: bool = False) -> "Policy":
+        """This policy for a sampler that runs ``num_inference_steps``: refused on a mismatch
+        unless ``resample`` is asked for."""
+        if num_inference_steps == self.num_inference_steps:
+            return self
+        if not resample:
+            raise PolicyError(
+                f"policy has {self.num_inference_steps} steps but the sampler runs "
+                f"{num_inference_steps}; ask to resample it (--resample) to map steps by position",
+                "/num_inference_steps",
+            )
+        return self.resample(num_inference_steps)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename, so a
+    reader never sees a half-written file and a failed write leaves the old file intact."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

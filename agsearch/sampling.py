@@ -1,0 +1,227 @@
+"""The one sampling loop: it executes guidance policies (hard or soft) over a diffusers scheduler.
+
+At every step a *controller* gives, per sample, weights over a list of guidance ops (``cfg`` at a
+scale, ``cond``, ``uncond``). The loop runs only the denoiser passes that some weight needs — per
+sample, so a sample that skips its unconditional pass really costs one evaluation less — mixes
+the op outputs with the weights (the DARTS mixed op, ``sum(w * op)``) and takes a scheduler step.
+One-hot weights are a hard policy; dense weights are the relaxed gates the search trains, and
+gradients flow through them: the caller picks the grad context.
+
+Controllers:
+    ``StaticController``   one op per step from a static policy (all samples alike);
+    ``AGController``       Adaptive Guidance (Castillo et al., AAAI 2025, arXiv 2312.12487): per
+                           sample, CFG while γ_t = cos(pred_c, pred_u) < γ̄, then ``cond`` for the
+                           remaining steps; γ in x̂_0 space by default, ε space optional.
+
+The denoiser is anything that implements :class:`Denoiser` (``agsearch.denoisers``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from agsearch.policy import Policy
+
+
+class Denoiser(Protocol):
+    """The adapter contract every model backend implements.
+
+    ``__call__(x, t, cond, run_cond, run_uncond)`` evaluates the model on the (already
+    scheduler-scaled) sample ``x`` (B, ...) at timestep ``t``: the conditional pass for the samples
+    where the bool mask ``run_cond`` (B,) is set, the unconditional (null or negative condition)
+    pass where ``run_uncond`` is set, both batched into one forward where possible. It returns
+    ``(out_c, out_u)``, each (B, ...) in the model's prediction type; rows not run are zeros.
+    """
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond, run_cond: torch.Tensor,
+                 run_uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# -- guidance ops -----------------------------------------------------------------------------------
+def op_passes(op: dict) -> tuple[bool, bool]:
+    """Which passes (conditional, unconditional) an op needs."""
+    name = op["op"]
+    return name in ("cfg", "cond"), name in ("cfg", "uncond")
+
+
+def op_output(op: dict, out_c: torch.Tensor, out_u: torch.Tensor, default_scale: float) -> torch.Tensor:
+    name = op["op"]
+    if name == "cfg":
+        w = op.get("scale", default_scale)
+        return out_u + w * (out_c - out_u)
+    if name == "cond":
+        return out_c
+    if name == "uncond":
+        return out_u
+    raise ValueError(f"unknown guidance op {name!r}")
+
+
+# -- controllers ------------------------------------------------------------------------------------
+@dataclass
+class StepPlan:
+    ops: list[dict]  # K ops
+    weights: torch.Tensor  # (B, K); one-hot rows for a hard policy
+
+
+class StaticController:
+    """A static policy: at step i every sample runs ``policy.steps[i]``."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def plan(self, i: int, batch: int, device) -> StepPlan:
+        return StepPlan([self.policy.steps[i]], torch.ones(batch, 1, device=device))
+
+    def observe(self, i: int, stats: "StepStats") -> None:
+        pass
+
+
+class AGController:
+    """Adaptive Guidance: per sample, ``cfg`` while γ_t < threshold, then ``cond`` for good.
+
+    γ_t is observed at a step where the sample ran both passes (and used CFG); once it reaches the
+    threshold the sample runs ``cond`` from the next step on, so its unconditional pass is skipped.
+    """
+
+    def __init__(self, policy: Policy):
+        self.threshold = float(policy.rule["threshold"])
+        self.space = policy.rule.get("space", "x0")
+        self.ops = [{"op": "cfg", "scale": float(policy.guidance_scale)}, {"op": "cond"}]
+        self.guiding: torch.Tensor | None = None  # (B,) bool
+
+    def plan(self, i: int, batch: int, device) -> StepPlan:
+        if self.guiding is None:
+            self.guiding = torch.ones(batch, dtype=torch.bool, device=device)
+        g = self.guiding.float()
+        return StepPlan(self.ops, torch.stack([g, 1 - g], dim=1))
+
+    def observe(self, i: int, stats: "StepStats") -> None:
+        gamma = stats.cosine_x0 if self.space == "x0" else stats.cosine_eps
+        crossed = stats.both & (gamma >= self.threshold)
+        self.guiding = self.guiding & ~crossed
+
+
+def controller_for(policy: Policy):
+    if policy.kind == "static":
+        return StaticController(policy)
+    if policy.rule["rule"] == "ag_cosine":
+        return AGController(policy)
+    raise ValueError(f"no controller for rule {policy.rule['rule']!r}")
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+@dataclass
+class StepStats:
+    """What controllers and callbacks may observe after the denoiser ran at step ``i``."""
+
+    i: int
+    t: torch.Tensor
+    x: torch.Tensor  # (B, ...) the sample before this step
+    out_c: torch.Tensor
+    out_u: torch.Tensor
+    ran_cond: torch.Tensor  # (B,) bool
+    ran_uncond: torch.Tensor  # (B,) bool
+    both: torch.Tensor  # (B,) bool: γ is defined only where both passes ran
+    cosine_x0: torch.Tensor  # (B,) NaN where not both
+    cosine_eps: torch.Tensor  # (B,)
+
+
+@dataclass
+class SampleOutput:
+    samples: torch.Tensor  # (B, ...) final samples
+    nfe: torch.Tensor  # (B,) denoiser evaluations per sample (exact count)
+    cosine_x0: torch.Tensor  # (T, B) γ_t in x̂_0 space, NaN where a pass was skipped
+    cosine_eps: torch.Tensor  # (T, B)
+
+
+def predict_x0(scheduler, x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+    """The denoised estimate x̂_0 implied by a model output at step ``i`` (timestep ``t``)."""
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+        # Karras-style σ parameterisation (Euler): x = x_0 + σ ε, the model sees x / sqrt(σ² + 1).
+        sigma = scheduler.sigmas[i].to(x)
+        if prediction_type == "epsilon":
+            return x - sigma * model_output
+        if prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    else:
+        alpha_bar = scheduler.alphas_cumprod.to(x.device)[int(t)].to(x)
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if prediction_type == "epsilon":
+            return (x - s * model_output) / a
+        if prediction_type == "v_prediction":
+            return a * x - s * model_output
+    raise ValueError(f"x0 prediction for prediction_type {prediction_type!r} is not supported")
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12)
+
+
+def sample(
+    denoiser: Denoiser,
+    scheduler,
+    policy: Policy | None,
+    noise: torch.Tensor,
+    cond,
+    *,
+    controller=None,
+    callback: Callable[[StepStats], None] | None = None,
+) -> SampleOutput:
+    """Sample from ``noise`` (B, ...) under ``cond`` following a guidance ``policy``.
+
+    ``scheduler`` is a diffusers scheduler; it is copied, so every call starts a fresh
+    trajectory. ``controller`` replaces the policy's own controller (the search passes soft
+    gates). ``callback`` observes each step's :class:`StepStats` and must not modify them.
+    """
+    if controller is None:
+        if policy is None:
+            raise ValueError("sample() needs a policy or a controller")
+        controller = controller_for(policy)
+    num_steps = policy.num_inference_steps if policy is not None else controller.num_inference_steps
+    default_scale = float(policy.guidance_scale) if policy is not None else 1.0
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    if len(scheduler.timesteps) != num_steps:
+        raise ValueError(f"scheduler made {len(scheduler.timesteps)} timesteps for {num_steps} steps")
+
+    batch = noise.shape[0]
+    x = noise * scheduler.init_noise_sigma
+    nfe = torch.zeros(batch, device=noise.device)
+    nan = torch.full((num_steps, batch), float("nan"), device=noise.device)
+    cos_x0, cos_eps = nan.clone(), nan.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        plan = controller.plan(i, batch, noise.device)
+        active = plan.weights != 0  # (B, K)
+        needs = torch.tensor([op_passes(op) for op in plan.ops], device=noise.device)  # (K, 2)
+        run_cond = (active & needs[:, 0]).any(dim=1)
+        run_uncond = (active & needs[:, 1]).any(dim=1)
+
+        x_in = scheduler.scale_model_input(x, t)
+        out_c, out_u = denoiser(x_in, t, cond, run_cond, run_uncond)
+        nfe += run_cond.float() + run_uncond.float()
+
+        both = run_cond & run_uncond
+        with torch.no_grad():
+            if both.any():
+                x0_c = predict_x0(scheduler, x, out_c.detach(), t, i)
+                x0_u = predict_x0(scheduler, x, out_u.detach(), t, i)
+                cos_x0[i] = torch.where(both, _cosine(x0_c, x0_u), cos_x0[i])
+                cos_eps[i] = torch.where(both, _cosine(out_c.detach(), out_u.detach()), cos_eps[i])
+        stats = StepStats(i, t, x, out_c, out_u, run_cond, run_uncond, both, cos_x0[i], cos_eps[i])
+        controller.observe(i, stats)
+        if callback is not None:
+            callback(stats)
+
+        # Mixed op: Σ_k w_k · op_k. With one-hot weights this is exactly the chosen op's output.
+        shape = (batch,) + (1,) * (x.dim() - 1)
+        model_output = sum(
+            plan.weights[:, k].view(shape) * op_output(op, out_c, out_u, default_scale)
+            for k, op in enumerate(plan.ops)
+        )
+        x = scheduler.step(model_output, t, x).prev_sample
+    return SampleOutput(x, nfe, cos_x0, cos_eps)

@@ -17,5 +17,5 @@ def make_scheduler(name: str, config: dict):
         raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
     cls_name, overrides = SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
-    accepted = {k: v for k, v in {**config, **overrides}.items() if k in cls.__init__.__code__.co_varnames}
-    return cls(**accepted)
+    # from_config keeps the keys this scheduler knows (the noise schedule) and drops the others.
+    return cls.from_config({**config, **overrides})

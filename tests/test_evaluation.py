@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agsearch.baselines import make_baseline
+from agsearch.data import load_digits_tensors, train_test_split_indices
+from agsearch.evaluation import DigitsEvaluator, frechet_distance, make_noise, sample_seeds
+from agsearch.models.digits import benchmark_settings, load_classifier
+
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 4))
+    cov = np.cov(a, rowvar=False)
+    assert abs(frechet_distance(a.mean(0), cov, a.mean(0), cov)) < 1e-6
+    shift = np.array([1.0, 2.0, 0.0, 0.0])
+    assert frechet_distance(a.mean(0) + shift, cov, a.mean(0), cov) == pytest.approx(5.0, abs=1e-6)
+
+
+def test_shipped_classifier_reads_held_out_digits():
+    images, labels = load_digits_tensors()
+    _, test = train_test_split_indices(labels)
+    with torch.no_grad():
+        acc = (load_classifier()(images[test]).argmax(1) == labels[test]).float().mean().item()
+    assert acc >= 0.97
+
+
+def test_eval_seeds_are_held_out_from_search_seeds():
+    assert set(sample_seeds(0, 5000)).isdisjoint(sample_seeds(1, 5000))
+    assert torch.equal(make_noise(sample_seeds(1, 3)), make_noise(sample_seeds(1, 3)))
+
+
+def test_evaluator_same_noise_for_every_policy(random_unet):
+    ev = DigitsEvaluator(samples=20, seed=1, progress=False, unet=random_unet)
+    cfg = ev.evaluate(make_baseline("cfg", 5, 1.5))
+    again = ev.evaluate(make_baseline("cfg", 5, 1.5))
+    assert cfg.mse == 0 and again.mse == 0 and cfg.nfe == 10
+    other = DigitsEvaluator(samples=20, seed=2, progress=False, unet=random_unet)
+    assert not torch.equal(ev.noise, other.noise)
+    with pytest.raises(ValueError, match="at least 2"):
+        DigitsEvaluator(samples=1, unet=random_unet)
+
+
+def test_quick_benchmark_writes_table_and_figures(tmp_path):
+    from agsearch.bench import run_benchmark
+
+    records = run_benchmark(tmp_path, samples=20, progress=False, quick=True)
+    assert {"benchmark.md", "benchmark.json", "fronts.png", "cosine.png"} <= {p.name for p in tmp_path.iterdir()}
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert len(data["records"]) == len(records) >= 6
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| policy |" in md and "## cutoff" in md and "Full CFG" in md
+    assert (tmp_path / "fronts.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_cfg_beats_conditional_only_on_the_built_in_model():
+    s = benchmark_settings()
+    ev = DigitsEvaluator(samples=500, seed=3, progress=False)
+    cfg = ev.evaluate(make_baseline("cfg", s["num_inference_steps"], s["guidance_scale"]))
+    cond = ev.evaluate(make_baseline("cond", s["num_inference_steps"], s["guidance_scale"]))
+    assert cfg.accuracy > cond.accuracy + 0.01

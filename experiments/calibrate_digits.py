@@ -23,7 +23,7 @@ from agsearch.evaluation import DigitsEvaluator, format_table
 from agsearch.models.digits import SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS_DIR
 from agsearch.policy import atomic_write_text
 
-SCALES = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+SCALES = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 THRESHOLDS = (0.9, 0.93, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99, 0.9925, 0.995, 0.9975, 0.999)
 ROOT = Path(__file__).resolve().parents[1]
 

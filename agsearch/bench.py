@@ -148,7 +148,8 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         records.append(record)
     full, _ = evaluator.run(make_baseline("cfg", steps, scale), desc="cosines")
 
-    command = "agsearch " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "agsearch bench"
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
+    command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
     title = (f"built-in digits model, {settings['scheduler'].upper()} {steps} steps, w = {scale:g}, "
              f"{samples} samples, seed {seed}")
     out_dir = Path(out_dir)

@@ -102,7 +102,7 @@ class DigitsEvaluator:
         self.labels = balanced_labels(samples, self.device)
         self.batch_size = batch_size
         self.progress = progress
-        self._references: dict[tuple[int, float], torch.Tensor] = {}
+        self._references: dict[tuple[int, float], SampleOutput] = {}
 
     @cached_property
     def real_stats(self):
@@ -130,12 +130,12 @@ class DigitsEvaluator:
         )
         return out, seconds
 
-    def reference(self, num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
-        """Full-CFG samples from the evaluation noise (cached per step count and scale)."""
+    def reference(self, num_inference_steps: int, guidance_scale: float) -> SampleOutput:
+        """Full CFG from the evaluation noise (cached per step count and scale), with its cosines."""
         key = (num_inference_steps, float(guidance_scale))
         if key not in self._references:
             full = Policy.static(["cfg"] * num_inference_steps, guidance_scale)
-            self._references[key] = self.run(full, desc=f"full CFG w={guidance_scale:g}")[0].samples
+            self._references[key] = self.run(full, desc=f"full CFG w={guidance_scale:g}")[0]
         return self._references[key]
 
     @torch.no_grad()
@@ -149,8 +149,8 @@ class DigitsEvaluator:
         out, seconds = self.run(policy)
         if policy.kind == "static" and all(s == {"op": "cfg"} for s in policy.steps):
             # Full CFG is its own reference: keep it rather than sampling it again.
-            self._references.setdefault((policy.num_inference_steps, float(policy.guidance_scale)), out.samples)
-        ref = self.reference(policy.num_inference_steps, policy.guidance_scale)
+            self._references.setdefault((policy.num_inference_steps, float(policy.guidance_scale)), out)
+        ref = self.reference(policy.num_inference_steps, policy.guidance_scale).samples
         mse = (out.samples - ref).pow(2).flatten(1).mean(1).mean().item()
         accuracy, fd = self.score(out.samples)
         return EvalRecord(

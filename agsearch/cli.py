@@ -150,6 +150,29 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from agsearch.search.cli import export_main
+
+    _check_out(args.out)
+    return export_main(args)
+
+
+def cmd_sweep(args) -> int:
+    from agsearch.evaluation import format_table
+    from agsearch.search.space import SearchSpace
+    from agsearch.search.sweep import run_sweep
+
+    for space in args.spaces:
+        SearchSpace.load(space)  # fail before the first search, not after it
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise BadInput(f"--out-dir {args.out_dir} is a file")
+    rows = run_sweep(args.budgets, args.spaces, args.out_dir, args.samples, args.seed, args.batch_size,
+                     args.overrides, progress=not args.no_progress, ag=not args.no_ag)
+    print(format_table(rows, markdown=False))
+    print(f"wrote {args.out_dir / 'sweep.md'}, {args.out_dir / 'sweep.json'}, {args.out_dir / 'sweep_front.png'}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="agsearch", description="Search, export, apply and evaluate cheap CFG policies.")
@@ -201,6 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 
+    sub.add_parser("search", add_help=False, help="search a guidance policy (LightningCLI; see 'agsearch search --help')")
+
+    p = sub.add_parser("export", help="export a search checkpoint as a policy JSON at a budget",
+                       description="Discretise the gates of a search checkpoint into a policy file.")
+    p.add_argument("checkpoint", type=Path, help="a search checkpoint (e.g. <run>/checkpoints/last.ckpt)")
+    p.add_argument("--budget", type=int, help="NFE per sample to meet exactly (default: the search's budget)")
+    p.add_argument("--mode", choices=("exact", "argmax"), default="exact",
+                   help="exact: meet the budget exactly; argmax: the most probable op per step")
+    p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="search several budgets; one table and front plot against the baselines",
+                       description="Run one search per space and budget, then evaluate them beside full CFG, "
+                                   "cond, the cutoff, the best of all guidance intervals and AG at the same NFE. "
+                                   "Arguments after '--' go to every search (e.g. -- --trainer.max_steps=96).")
+    p.add_argument("--budgets", type=_positive_int, nargs="+", default=[30, 35, 40, 45], help="NFE budgets")
+    p.add_argument("--spaces", nargs="+", default=["minimal"], help="search spaces (names or YAML files)")
+    p.add_argument("--samples", type=_positive_int, default=1000, help="held-out samples per policy")
+    p.add_argument("--seed", type=int, default=1, help="held-out noise seed")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--out-dir", type=Path, default=Path("results/search"))
+    p.add_argument("--no-ag", action="store_true", help="skip matching the AG rule to each budget")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("show", help="validate policy files and print a one-line summary of each")
     p.add_argument("policy", nargs="+", type=Path)
     p.set_defaults(func=cmd_show)
@@ -208,9 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["search"]:  # LightningCLI parses its own arguments
+        from agsearch.search.cli import search_main
+
+        return search_main(argv[1:])
+    overrides: list[str] = []
+    if argv[:1] == ["sweep"] and "--" in argv:  # the rest goes to every search
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.overrides = overrides
         if args.command is None:
             parser.print_help()
             return 0

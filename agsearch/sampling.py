@@ -65,6 +65,9 @@ def op_output(op: dict, out_c: torch.Tensor, out_u: torch.Tensor, default_scale:
 class StepPlan:
     ops: list[dict]  # K ops
     weights: torch.Tensor  # (B, K); one-hot rows for a hard policy
+    # (B, K) which ops to compute; default ``weights != 0``. The search's straight-through
+    # estimator sets it to all-True to get a gradient for every op, not only the chosen one.
+    active: torch.Tensor | None = None
 
 
 class StaticController:
@@ -176,14 +179,16 @@ def sample(
 
     ``scheduler`` is a diffusers scheduler; it is copied, so every call starts a fresh
     trajectory. ``controller`` replaces the policy's own controller (the search passes soft
-    gates). ``callback`` observes each step's :class:`StepStats` and must not modify them.
+    gates; it then also provides ``num_inference_steps`` and ``guidance_scale``). ``callback``
+    observes each step's :class:`StepStats` and must not modify them.
     """
     if controller is None:
         if policy is None:
             raise ValueError("sample() needs a policy or a controller")
         controller = controller_for(policy)
     num_steps = policy.num_inference_steps if policy is not None else controller.num_inference_steps
-    default_scale = float(policy.guidance_scale) if policy is not None else 1.0
+    # A `cfg` op without its own scale runs at the policy's (or the controller's) guidance scale.
+    default_scale = float(policy.guidance_scale if policy is not None else controller.guidance_scale)
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_steps, device=noise.device)
     if len(scheduler.timesteps) != num_steps:
@@ -196,7 +201,7 @@ def sample(
     cos_x0, cos_eps = nan.clone(), nan.clone()
     for i, t in enumerate(scheduler.timesteps):
         plan = controller.plan(i, batch, noise.device)
-        active = plan.weights != 0  # (B, K)
+        active = plan.weights != 0 if plan.active is None else plan.active | (plan.weights != 0)  # (B, K)
         needs = torch.tensor([op_passes(op) for op in plan.ops], device=noise.device)  # (K, 2)
         run_cond = (active & needs[:, 0]).any(dim=1)
         run_uncond = (active & needs[:, 1]).any(dim=1)
@@ -218,10 +223,16 @@ def sample(
             callback(stats)
 
         # Mixed op: Σ_k w_k · op_k. With one-hot weights this is exactly the chosen op's output.
+        # An op whose passes did not run for a sample has weight 0 there; its (meaningless)
+        # output must not feed the weight's gradient either, so that weight is detached.
         shape = (batch,) + (1,) * (x.dim() - 1)
-        model_output = sum(
-            plan.weights[:, k].view(shape) * op_output(op, out_c, out_u, default_scale)
-            for k, op in enumerate(plan.ops)
-        )
+        model_output = 0
+        for k, op in enumerate(plan.ops):
+            need_c, need_u = needs[k]
+            ran = (run_cond | ~need_c) & (run_uncond | ~need_u)  # (B,)
+            w = plan.weights[:, k]
+            if w.requires_grad and not bool(ran.all()):
+                w = torch.where(ran, w, w.detach())
+            model_output = model_output + w.view(shape) * op_output(op, out_c, out_u, default_scale)
         x = scheduler.step(model_output, t, x).prev_sample
     return SampleOutput(x, nfe, cos_x0, cos_eps)

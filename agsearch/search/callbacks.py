@@ -1,0 +1,129 @@
+"""Watching the gates: a history file every run writes, and Weights & Biases panels.
+
+``GateMonitor`` records, at the end of every training epoch, the gate probabilities (T, K), the
+expected NFE, λ, the temperature and the latest losses. It writes them to ``gates.json`` in the
+run directory (whatever the logger; the notebook reads it), draws ``gates.png``, and for every
+``WandbLogger`` of the trainer logs the heatmap as an image and the probabilities as a table.
+``log_policy_artifact`` adds the exported policy file to the W&B run as an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from agsearch.policy import atomic_write_bytes, atomic_write_text
+
+HISTORY_FILE = "gates.json"
+
+
+def _wandb_loggers(trainer: pl.Trainer) -> list:
+    from pytorch_lightning.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def plot_gates(probs: torch.Tensor, labels: list[str], title: str = "", picks: list[int] | None = None):
+    """A steps × ops heatmap of gate probabilities (a matplotlib figure); ``picks`` marks the
+    discretised op of every step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = probs.detach().float().cpu().numpy().T  # (K, T)
+    K, T = p.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * T + 2), 0.45 * K + 1.6))
+    im = ax.imshow(p, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_yticks(range(K), labels)
+    ax.set_xticks(range(0, T, max(1, T // 12)))
+    ax.set_xlabel("sampling step (0 = most noisy)")
+    if picks is not None:
+        ax.scatter(range(T), picks, marker="x", color="red", s=24, label="discretised")
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.025, pad=0.02, label="probability")
+    fig.tight_layout()
+    return fig
+
+
+def _figure_png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class GateMonitor(pl.Callback):
+    """Per-epoch gate history (``gates.json``, ``gates.png``) and W&B heatmap + table."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module) -> None:
+        probs = module.gate_probabilities()
+        labels = module.space.labels(module.candidates)
+        metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(("train/", "val/")) and torch.as_tensor(v).numel() == 1}
+        picks = module.discrete_indices()
+        entry = {
+            "epoch": trainer.current_epoch, "step": trainer.global_step,
+            "expected_nfe": round(float(module.expected_nfe().detach()), 4), "dual": round(float(module.dual), 6),
+            "temperature": round(float(module.temperature()), 6), "metrics": metrics,
+            "discrete": picks, "probs": [[round(float(x), 5) for x in row] for row in probs],
+        }
+        self.history.append(entry)
+        if not trainer.is_global_zero:
+            return
+        self.write(module)
+        title = (f"{module.space.name}, epoch {entry['epoch']}, step {entry['step']}: "
+                 f"E[NFE] {entry['expected_nfe']:.2f}, budget {module.hparams.budget}")
+        png = _figure_png(plot_gates(probs, labels, title, picks))
+        atomic_write_bytes(self.run_dir / "gates.png", png)
+        for logger in _wandb_loggers(trainer):
+            import wandb
+            from PIL import Image
+            import io
+
+            logger.log_image(key="gates/heatmap", images=[wandb.Image(Image.open(io.BytesIO(png)), caption=title)])
+            rows = [[t, *[float(x) for x in row], labels[picks[t]]] for t, row in enumerate(entry["probs"])]
+            logger.log_table(key="gates/table", columns=["step", *labels, "discretised"], data=rows)
+            logger.log_metrics({"gates/expected_nfe": entry["expected_nfe"], "gates/temperature": entry["temperature"],
+                                "gates/dual": entry["dual"], "epoch": entry["epoch"]}, step=trainer.global_step)
+
+    def write(self, module) -> Path:
+        document = {
+            "format": "agsearch.gates", "version": 1,
+            "space": module.space.name, "ops": module.space.labels(module.candidates),
+            "costs": module.costs, "budget": int(module.hparams.budget),
+            "num_inference_steps": module.num_inference_steps, "guidance_scale": module.guidance_scale,
+            "epochs": self.history,
+        }
+        return atomic_write_text(self.run_dir / HISTORY_FILE, json.dumps(document) + "\n")
+
+
+def log_policy_artifact(trainer: pl.Trainer, path: Path, name: str, records: list[dict] | None = None) -> None:
+    """Log the exported policy file as a W&B artifact (type ``policy``) and the comparison table."""
+    for logger in _wandb_loggers(trainer):
+        import wandb
+
+        artifact = wandb.Artifact(name=name, type="policy", metadata={"file": Path(path).name})
+        artifact.add_file(str(path))
+        logger.experiment.log_artifact(artifact)
+        if records:
+            columns = list(records[0].keys())
+            logger.log_table(key="eval/comparison", columns=columns, data=[[r[c] for c in columns] for r in records])

@@ -1,0 +1,307 @@
+"""``agsearch search`` (LightningCLI) and ``agsearch export``.
+
+``agsearch search`` with no arguments runs the built-in digits search (DDIM, 25 steps, the
+Adaptive Guidance space, budget 35 of 50 NFE), writes the discretised policy with its provenance
+and held-out metrics, and prints it next to full CFG, the cutoff and the best guidance interval
+at the same NFE. ``--config FILE`` and dotted overrides (``--model.budget=33``,
+``--trainer.max_steps=200``) work as in any LightningCLI; ``--print_config`` shows the whole
+configuration. Every run gets a directory ``<trainer.default_root_dir>/<space>-b<budget>-<time>``
+holding ``config.yaml``, ``checkpoints/last.ckpt``, ``gates.json``/``gates.png``, the W&B
+offline run and ``policy.json``. ``--ckpt_path CKPT`` resumes a run in its own directory.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from agsearch.policy import Policy
+
+DEFAULT_ROOT = "runs/search"
+TRAINER_DEFAULTS = {
+    "max_steps": 48,  # 6 epochs of 256 pairs at batch 32; ~1.6 min on 2 CPU cores
+    "max_epochs": -1,
+    "accelerator": "auto",
+    "devices": 1,
+    "default_root_dir": DEFAULT_ROOT,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+}
+
+
+class SearchInputError(ValueError):
+    """A configuration the user can fix (one line, exit code 2)."""
+
+
+def _cli_class():
+    from pytorch_lightning.cli import LightningCLI
+
+    from agsearch.search.data import GuidancePairs
+    from agsearch.search.module import PolicySearchModule
+
+    class SearchCLI(LightningCLI):
+        def __init__(self, args):
+            super().__init__(
+                PolicySearchModule, GuidancePairs, args=args, run=False,
+                trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"exit_on_error": False, "prog": "agsearch search",
+                               "description": "Differentiable search of a per-step guidance policy."},
+                auto_configure_optimizers=False,
+            )
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--out", type=Optional[str], default=None,
+                                help="policy JSON to write (default: <run dir>/policy.json)")
+            parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                                help="resume from this checkpoint (continues its run directory)")
+            parser.add_argument("--eval.samples", type=int, default=256,
+                                help="held-out samples for the final comparison (0: skip it)")
+            parser.add_argument("--eval.seed", type=int, default=1, help="held-out noise seed (search uses data.seed)")
+            parser.add_argument("--eval.batch_size", type=int, default=1000)
+            parser.add_argument("--eval.baselines", type=bool, default=True,
+                                help="also evaluate the cutoff and every guidance interval at the same NFE")
+            parser.add_argument("--wandb.mode", type=Literal["offline", "online", "disabled"], default="offline",
+                                help="W&B for the default logger: offline (no login, never blocks), online, "
+                                     "or disabled (a CSV logger instead)")
+            parser.add_argument("--wandb.project", type=str, default="agsearch")
+            parser.add_argument("--progress", type=bool, default=True, help="progress bars")
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config
+            self.run_dir = _run_dir(config)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            import os
+
+            os.environ["AGSEARCH_RUN_DIR"] = str(self.run_dir)
+
+        def instantiate_trainer(self, **kwargs):
+            from pytorch_lightning.callbacks import ModelCheckpoint
+
+            from agsearch.search.callbacks import GateMonitor
+
+            config = self.config
+            extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            trainer_config["default_root_dir"] = str(self.run_dir)
+            trainer_config["enable_progress_bar"] = bool(config.progress) and trainer_config.get("enable_progress_bar", True) is not False
+            if trainer_config.get("logger") in (None, True):
+                trainer_config["logger"] = _default_logger(self.run_dir, config)
+            self.gate_monitor = GateMonitor(self.run_dir)
+            extra += [self.gate_monitor,
+                      ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                      every_n_epochs=1, save_on_train_epoch_end=True)]
+            return self._instantiate_trainer(trainer_config, extra)
+
+    return SearchCLI
+
+
+def _run_dir(config) -> Path:
+    import os
+
+    # DDP's launcher re-runs this command in every extra process: they share rank 0's directory.
+    if "AGSEARCH_RUN_DIR" in os.environ and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return Path(os.environ["AGSEARCH_RUN_DIR"])
+    if config.get("ckpt_path"):
+        ckpt = Path(config.ckpt_path)
+        if not ckpt.is_file():
+            raise SearchInputError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent
+    root = Path(config.trainer.get("default_root_dir") or DEFAULT_ROOT)
+    space = Path(str(config.model.space)).stem if isinstance(config.model.space, str) else "space"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = root / f"{space}-b{config.model.budget}-{stamp}"
+    n = 1
+    while run.exists():
+        n += 1
+        run = root / f"{space}-b{config.model.budget}-{stamp}-{n}"
+    return run
+
+
+def _default_logger(run_dir: Path, config):
+    if config.wandb.mode == "disabled":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="", version="")
+    import os
+
+    from pytorch_lightning.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(save_dir=str(run_dir), project=config.wandb.project, name=run_dir.name,
+                       offline=config.wandb.mode == "offline", log_model=False)
+
+
+def _one_line(message: str) -> str:
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    text = "; ".join(lines[:3]) if lines else "invalid arguments"
+    return text if len(text) < 400 else text[:397] + "..."
+
+
+def build_cli(argv: list[str]):
+    """Parse ``argv`` and instantiate model, data and trainer (raises SearchInputError)."""
+    from jsonargparse import ArgumentError
+
+    from agsearch.search.space import SpaceError
+
+    cls = _cli_class()
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees a command line
+    try:
+        return cls(argv)
+    except ArgumentError as e:
+        raise SearchInputError(_one_line(str(e))) from None
+    except (SpaceError, ValueError) as e:
+        raise SearchInputError(_one_line(str(e))) from None
+    finally:
+        sys.argv = saved
+
+
+def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]:
+    """One search run: fit, export, evaluate, save. Returns (policy, its path, comparison records);
+    (None, None, []) on non-zero DDP ranks."""
+    cli = build_cli(argv)
+    trainer, module, config = cli.trainer, cli.model, cli.config
+    out = Path(config.out) if config.out else cli.run_dir / "policy.json"
+    if out.is_dir():
+        raise SearchInputError(f"--out {out} is a directory; give a file name")
+    if config.eval.samples < 0 or config.eval.samples == 1:
+        raise SearchInputError(f"Expected eval.samples to be 0 (skip) or at least 2, but got {config.eval.samples}")
+    if config.eval.batch_size < 1:
+        raise SearchInputError(f"Expected eval.batch_size >= 1, but got {config.eval.batch_size}")
+    if trainer.is_global_zero:
+        print(f"agsearch search: run directory {cli.run_dir}", file=sys.stderr)
+    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    if not trainer.is_global_zero:
+        return None, None, []
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+    data = cli.datamodule.hparams
+    policy = module.export_policy(seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
+                                  processes=int(trainer.world_size), run_dir=str(cli.run_dir),
+                                  checkpoint=str(cli.run_dir / "checkpoints" / "last.ckpt"))
+    metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    policy.metrics["search"] = metrics
+    records: list[dict] = []
+    if config.eval.samples:
+        records = evaluate_against_baselines(module, policy, config.eval.samples, config.eval.seed,
+                                             config.eval.batch_size, config.eval.baselines, config.progress)
+        searched = next(r for r in records if r["role"] == "searched")
+        policy.metrics["eval"] = {k: searched[k] for k in ("nfe", "accuracy", "mse", "psnr", "fd", "samples")}
+        policy.metrics["eval"]["seed"] = config.eval.seed
+    path = policy.save(out)
+    cli.gate_monitor.write(module)
+    from agsearch.search.callbacks import log_policy_artifact
+
+    log_policy_artifact(trainer, path, f"policy-{cli.run_dir.name}", records)
+    for logger in trainer.loggers:
+        exp = getattr(logger, "experiment", None)
+        if hasattr(exp, "finish"):
+            exp.finish()
+    return policy, path, records
+
+
+def evaluate_against_baselines(module, policy: Policy, samples: int, seed: int, batch_size: int,
+                               baselines: bool, progress: bool) -> list[dict]:
+    """Held-out records of full CFG, the searched policy and (for cfg/cond NFE) the cutoff and
+    the best guidance interval at the same NFE."""
+    from agsearch.evaluation import DigitsEvaluator
+    from agsearch.search.compare import static_baselines
+
+    if module.hparams.model != "digits":
+        return []
+    evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=module.hparams.scheduler,
+                                batch_size=batch_size, device=str(module.device), progress=progress,
+                                unet=module.backend.unet)
+    T, w = module.num_inference_steps, module.guidance_scale
+    records = [
+        {**evaluator.evaluate(Policy.static(["cfg"] * T, w, name="full CFG")).as_dict(), "role": "teacher"},
+        {**evaluator.evaluate(policy).as_dict(), "role": "searched"},
+    ]
+    if baselines and policy.nfe is not None and T <= policy.nfe <= 2 * T:
+        found = static_baselines(evaluator, T, w, policy.nfe)
+        records.append({**found["cutoff"].as_dict(), "role": "cutoff"})
+        best = found["interval"]
+        records.append({**best.as_dict(), "role": f"best of {len(found['intervals'])} intervals"})
+    return records
+
+
+def search_main(argv: list[str]) -> int:
+    from agsearch.evaluation import format_table
+    from agsearch.search.module import NonFiniteLossError
+
+    try:
+        policy, path, records = run_search(argv)
+    except SystemExit as e:  # --help / --print_config
+        return int(e.code or 0)
+    except SearchInputError as e:
+        print(f"agsearch search: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"agsearch search: {e}", file=sys.stderr)
+        return 1
+    if policy is None:
+        return 0
+    print(f"policy: {path}")
+    print(f"{policy.label()}  {policy.ops_string()}  NFE {policy.nfe}")
+    if records:
+        print(format_table(records, markdown=False))
+    return 0
+
+
+# -- export -----------------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path):
+    """A ``PolicySearchModule`` with the gates of a search checkpoint (no pickle: weights_only)."""
+    from agsearch.search.module import PolicySearchModule
+
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SearchInputError(f"no such checkpoint file: {path}") from None
+    except IsADirectoryError:
+        raise SearchInputError(f"{path} is a directory, not a checkpoint file") from None
+    except Exception as e:  # unpickling refused, truncated or not a checkpoint
+        raise SearchInputError(f"{path} is not a readable search checkpoint ({type(e).__name__}: {_one_line(str(e))[:160]})") from None
+    if not isinstance(checkpoint, dict) or "gate_logits" not in checkpoint.get("state_dict", {}):
+        raise SearchInputError(f"{path} is not an agsearch search checkpoint (no gate_logits in its state_dict)")
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    import inspect
+
+    names = set(inspect.signature(PolicySearchModule.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hparams.items() if k in names}
+    if "space_spec" in hparams:
+        kwargs["space"] = hparams["space_spec"]
+    module = PolicySearchModule(**kwargs)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    module._checkpoint_info = {"global_step": int(checkpoint.get("global_step", 0)),
+                               "data": dict(checkpoint.get("datamodule_hyper_parameters", {}))}
+    return module
+
+
+def export_checkpoint(ckpt: str | Path, budget: int | None, out: str | Path, mode: str = "exact") -> Policy:
+    module = load_checkpoint(ckpt)
+    info = module._checkpoint_info
+    T = module.num_inference_steps
+    lo, hi = T * min(module.costs), T * max(module.costs)
+    if mode == "exact" and budget is not None and not (isinstance(budget, int) and lo <= budget <= hi):
+        raise SearchInputError(f"Expected --budget to be an integer between {lo} and {hi} NFE for {T} steps, but got {budget}")
+    # A checkpoint knows its global step through the trainer; restore it for the provenance.
+    policy = module.export_policy(budget, mode, seed=info["data"].get("seed"), checkpoint=str(ckpt))
+    policy.provenance["search"]["train_steps"] = info["global_step"]
+    policy.save(out)
+    return policy
+
+
+def export_main(args) -> int:
+    policy = export_checkpoint(args.checkpoint, args.budget, args.out, args.mode)
+    print(f"{args.out}: {policy.label()}  {policy.ops_string()}  NFE {policy.nfe}")
+    return 0

@@ -1,0 +1,56 @@
+"""The training-free baselines a searched policy must beat, at the searched policy's NFE.
+
+At NFE = T + k (k guided steps of T) the static competitors are the cutoff (CFG for the first k
+steps; one policy) and every guidance interval (CFG on k consecutive steps; T − k + 1 windows,
+swept exhaustively, the best chosen by MSE to full CFG — on the evaluation set itself, which
+favours the baseline). The Adaptive Guidance rule is matched to the NFE by bisection on its
+threshold (its NFE is a mean over samples, so it lands close to, not on, the target).
+"""
+
+from __future__ import annotations
+
+from agsearch.evaluation import DigitsEvaluator, EvalRecord
+from agsearch.policy import Policy
+
+
+def cutoff_policy(steps: int, scale: float, k: int) -> Policy:
+    return Policy.static(["cfg"] * k + ["cond"] * (steps - k), scale, name=f"cutoff-{k}/{steps}",
+                         provenance={"baseline": "cutoff", "options": {"fraction": k / steps}})
+
+
+def interval_policies(steps: int, scale: float, k: int) -> list[Policy]:
+    """Every window of k consecutive CFG steps (the start 0 window is the cutoff)."""
+    return [cutoff_policy(steps, scale, k)] + [
+        Policy.static(["cond"] * a + ["cfg"] * k + ["cond"] * (steps - a - k), scale, name=f"interval-{a}:{a + k}/{steps}",
+                      provenance={"baseline": "interval", "options": {"start": a / steps, "stop": (a + k) / steps}})
+        for a in range(1, steps - k + 1)
+    ]
+
+
+def best_record(records: list[EvalRecord]) -> EvalRecord:
+    """Lowest MSE to full CFG; ties go to the earlier (fewer-parameter) policy."""
+    return min(records, key=lambda r: r.mse)
+
+
+def static_baselines(evaluator: DigitsEvaluator, steps: int, scale: float, nfe: int) -> dict[str, EvalRecord]:
+    """The cutoff and the best interval at exactly ``nfe`` NFE, evaluated."""
+    k = nfe - steps
+    if not 0 <= k <= steps:
+        raise ValueError(f"no cfg/cond policy of {steps} steps costs {nfe} NFE")
+    intervals = [evaluator.evaluate(p) for p in interval_policies(steps, scale, k)]
+    return {"cutoff": intervals[0], "interval": best_record(intervals), "intervals": intervals}
+
+
+def ag_at_nfe(evaluator: DigitsEvaluator, steps: int, scale: float, nfe: float, space: str = "x0",
+              iterations: int = 8, lo: float = 0.0, hi: float = 1.0) -> EvalRecord:
+    """The AG rule whose mean NFE is closest to ``nfe``, by bisection on its threshold."""
+    best: EvalRecord | None = None
+    for _ in range(iterations):
+        mid = round((lo + hi) / 2, 6)
+        record = evaluator.evaluate(Policy.adaptive(steps, scale, mid, space, name=f"ag-{space}-{mid:g}"))
+        if best is None or abs(record.nfe - nfe) < abs(best.nfe - nfe):
+            best = record
+        if abs(record.nfe - nfe) <= 0.05:
+            break
+        lo, hi = (mid, hi) if record.nfe < nfe else (lo, mid)
+    return best

@@ -1,0 +1,62 @@
+"""(noise seed, condition) pairs for the search: the LightningDataModule that feeds it.
+
+Pair i of a set with seed S has noise seed S·10⁶ + i (as in ``agsearch.evaluation``) and class
+label i mod 10. The training set is fixed — like the Adaptive Guidance paper's 10k noise–prompt
+pairs — so the teacher's full-CFG samples are computed once per pair and cached. The order is
+sequential; under DDP Lightning's distributed sampler gives rank r the pairs r, r + W, …, so
+W processes with per-process batch b see exactly the pairs one process sees with batch W·b.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from agsearch.data import NUM_CLASSES
+from agsearch.evaluation import SEED_STRIDE
+
+SEARCH_SEED = 0  # evaluations use 1 (held out), calibration 2, search validation 3
+VALIDATION_SEED = 3
+
+
+class PairDataset(Dataset):
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size = seed, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        return {"seed": torch.tensor(self.seed * SEED_STRIDE + i), "label": torch.tensor(i % NUM_CLASSES)}
+
+
+class GuidancePairs(pl.LightningDataModule):
+    """Seeds and class labels for the search and its validation.
+
+    Args:
+        num_pairs: training pairs (one epoch); the teacher is sampled once per pair.
+        num_val: validation pairs, scored every epoch with the relaxed and the discretised gates.
+        batch_size: pairs per step and process (the global batch is batch_size × processes).
+        seed: S of the training pairs (noise seeds S·10⁶ + i); evaluations use other seeds.
+        val_seed: S of the validation pairs.
+    """
+
+    def __init__(self, num_pairs: int = 256, num_val: int = 64, batch_size: int = 32,
+                 seed: int = SEARCH_SEED, val_seed: int = VALIDATION_SEED):
+        super().__init__()
+        for name, value in (("num_pairs", num_pairs), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected data.{name} to be a positive integer, but got {value}")
+        if not isinstance(num_val, int) or num_val < 0:
+            raise ValueError(f"Expected data.num_val to be an integer >= 0, but got {num_val}")
+        for name, value in (("seed", seed), ("val_seed", val_seed)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Expected data.{name} to be an integer >= 0, but got {value}")
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(PairDataset(self.hparams.seed, self.hparams.num_pairs), batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(PairDataset(self.hparams.val_seed, self.hparams.num_val), batch_size=max(1, self.hparams.num_val))

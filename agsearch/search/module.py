@@ -1,0 +1,465 @@
+"""Differentiable search of a per-step guidance policy (Adaptive Guidance, Castillo et al.,
+AAAI 2025, arXiv 2312.12487; the relaxation of DARTS, Liu et al., ICLR 2019).
+
+Gate logits α (T, K) choose, at every sampling step, among K guidance ops of a search space
+(``agsearch.search.space``). A student trajectory runs through the one sampling loop with the
+gates as per-sample op weights; the teacher is full CFG from the same noise and condition. The
+loss is
+
+    L = d(x_student, x_teacher) / d₀  +  λ · (E[NFE] − B) / T  (+ η · H(p))
+
+with d the mean squared error of the final samples (L1 optional; optional per-step trajectory
+terms), d₀ the distance at the first step (so the loss is scale-free), E[NFE] = Σ_t Σ_k p_tk c_k
+the expected cost under the gate probabilities, B the budget in NFE per sample, and λ ≥ 0 a
+Lagrange multiplier raised by dual ascent after every step, λ ← max(0, λ + ρ (E[NFE] − B) / T):
+the user picks a budget, not a penalty weight.
+
+Relaxations: ``softmax`` mixes every op with weights softmax(α / τ); ``gumbel_st`` samples one op
+per step and sample from softmax(α) with Gumbel noise, runs it hard in the forward pass and
+passes softmax((α + g) / τ) gradients backward (straight-through, Jang et al. 2017). Hard forward
+ops close the discretisation gap that a soft mix leaves open: a mix of ``cfg`` and ``cond`` with
+weight p is CFG at scale 1 + p (w − 1), which no discrete policy can reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from agsearch.policy import Policy
+from agsearch.sampling import StepPlan, sample
+from agsearch.search.backends import CheckpointedDenoiser, load_backend
+from agsearch.search.discretize import MODES, discretize
+from agsearch.search.space import SearchSpace, Temperature
+
+DISTANCES = ("mse", "l1")
+STRAIGHT_THROUGH = ("all", "sampled")
+INITS = ("teacher", "budget", "uniform")
+OPTIMIZERS = ("shared_adam", "adam")
+
+
+class SharedScaleAdam(torch.optim.Optimizer):
+    """Adam whose second-moment estimate is one scalar per parameter tensor, not one per entry.
+
+    Plain Adam rescales every gate logit by its own gradient history, so a step whose gradient is
+    pure noise (a step the loss cannot see, e.g. where the scheduler clips x̂_0) moves as fast as
+    a step that matters. A shared scale keeps the relative sizes of the gradients: gates move in
+    proportion to how much they matter, and the loss stays free of an absolute scale.
+    """
+
+    def __init__(self, params, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros((), dtype=p.dtype, device=p.device)
+                state["step"] += 1
+                state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                state["v"].mul_(b2).add_(p.grad.pow(2).mean(), alpha=1 - b2)
+                m_hat = state["m"] / (1 - b1 ** state["step"])
+                v_hat = state["v"] / (1 - b2 ** state["step"])
+                p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
+        return loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """The search loss became NaN or infinite; the run stops at that step."""
+
+
+class GateController:
+    """Per-sample op weights (B, T, K) as a sampling controller (``sampling.sample``)."""
+
+    def __init__(self, ops: list[dict], weights: torch.Tensor, guidance_scale: float, compute_all: bool):
+        self.ops = ops
+        self.guidance_scale = guidance_scale
+        self.weights = weights
+        self.compute_all = compute_all
+        self.num_inference_steps = weights.shape[1]
+
+    def plan(self, i: int, batch: int, device) -> StepPlan:
+        w = self.weights[:, i]  # (B, K)
+        return StepPlan(self.ops, w, torch.ones_like(w, dtype=torch.bool) if self.compute_all else None)
+
+    def observe(self, i, stats) -> None:
+        pass
+
+
+def _gumbel(seeds: torch.Tensor, step: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Gumbel(0, 1) noise (B, T, K), one generator per sample seeded by (seed, step), so a sample's
+    draw does not depend on the batch it is in or the process that runs it."""
+    out = []
+    for s in seeds.tolist():
+        g = torch.Generator().manual_seed(hash((int(s), int(step), 0x6A7E)) & (2**62 - 1))
+        u = torch.rand(shape, generator=g, dtype=torch.float64).clamp(1e-20, 1 - 1e-12)
+        out.append(-torch.log(-torch.log(u)))
+    return torch.stack(out).float()
+
+
+class PolicySearchModule(pl.LightningModule):
+    """Gate logits over a search space, trained against a full-CFG teacher under an NFE budget.
+
+    Args:
+        space: a built-in space name (``minimal``, ``cfg_scales``, ``adaptive_guidance``) or a
+            YAML file (see ``search_spaces/``).
+        budget: target NFE per sample, an integer in [T · min cost, T · max cost] (e.g. 25–50
+            for T = 25 with ``cfg`` and ``cond``).
+        model: the frozen model; ``digits`` is the built-in one.
+        scheduler: ``ddim``, ``euler`` or ``dpm++``; default the model's benchmark setting.
+        num_inference_steps: T; default the model's benchmark setting.
+        guidance_scale: the teacher's scale w; default the model's benchmark setting.
+        lr: Adam learning rate of the gate logits.
+        dual_lr: ρ, the dual-ascent step of λ per unit of (E[NFE] − B) / T.
+        distance: ``mse`` or ``l1`` between final samples.
+        trajectory_weight: weight of the mean per-step distance of intermediate samples (0: off).
+        entropy_weight: η ≥ 0, pushes gates towards one-hot (0: off).
+        relaxation: override the space's relaxation (``softmax`` or ``gumbel_st``).
+        temperature_start: override the space's initial temperature τ (> 0).
+        temperature_end: override the space's final temperature τ (> 0).
+        straight_through: ``all`` computes every op's passes so every gate gets a gradient;
+            ``sampled`` runs only the sampled op (fewer NFE in the forward pass, gradients only
+            through the chosen op, as in GDAS).
+        checkpointing: gradient-checkpoint every denoiser call of the student trajectory.
+        discretization: ``exact`` (meets the budget exactly) or ``argmax``.
+        optimizer: ``shared_adam`` (Adam with one second-moment scale for all gates, see
+            ``SharedScaleAdam``) or ``adam``.
+        init: ``budget`` starts the gates at E[NFE] = budget (ops of equal cost equally likely),
+            so λ does not first have to undo an over-budget start; ``uniform`` starts at zeros.
+    """
+
+    def __init__(
+        self,
+        space: str | dict = "minimal",
+        budget: int = 35,
+        model: str = "digits",
+        scheduler: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        lr: float = 0.1,
+        dual_lr: float = 2.0,
+        distance: str = "mse",
+        trajectory_weight: float = 0.0,
+        entropy_weight: float = 0.0,
+        relaxation: str | None = None,
+        temperature_start: float | None = None,
+        temperature_end: float | None = None,
+        straight_through: str = "all",
+        checkpointing: bool = True,
+        discretization: str = "exact",
+        init: str = "budget",
+        optimizer: str = "shared_adam",
+    ):
+        super().__init__()
+        settings = _model_settings(model)
+        scheduler = scheduler or settings["scheduler"]
+        num_inference_steps = num_inference_steps or settings["num_inference_steps"]
+        guidance_scale = float(guidance_scale if guidance_scale is not None else settings["guidance_scale"])
+        self.space = SearchSpace.load(space)
+        if relaxation is not None or temperature_start is not None or temperature_end is not None:
+            from agsearch.search.space import RELAXATIONS, SpaceError
+
+            if relaxation is not None and relaxation not in RELAXATIONS:
+                raise SpaceError(f"Expected model.relaxation in {RELAXATIONS}, but got {relaxation!r}")
+            t = self.space.temperature
+            temperature = Temperature(
+                t.start if temperature_start is None else temperature_start,
+                t.end if temperature_end is None else temperature_end,
+                t.schedule,
+            )
+            self.space = SearchSpace(self.space.name, self.space.ops, relaxation or self.space.relaxation,
+                                     temperature, self.space.source)
+        _check(num_inference_steps >= 1, f"Expected model.num_inference_steps >= 1, but got {num_inference_steps}")
+        _check(math.isfinite(guidance_scale) and guidance_scale >= 0,
+               f"Expected model.guidance_scale to be a finite number >= 0, but got {guidance_scale}")
+        self.candidates = self.space.candidates(guidance_scale)
+        self.costs = self.space.costs(self.candidates)
+        T, K = num_inference_steps, len(self.candidates)
+        lo, hi = T * min(self.costs), T * max(self.costs)
+        _check(isinstance(budget, int) and lo <= budget <= hi,
+               f"Expected model.budget to be an integer between {lo} and {hi} NFE for {T} steps, but got {budget}")
+        for name, value in (("lr", lr), ("dual_lr", dual_lr), ("trajectory_weight", trajectory_weight),
+                            ("entropy_weight", entropy_weight)):
+            _check(math.isfinite(value) and value >= 0, f"Expected model.{name} to be a finite number >= 0, but got {value}")
+        _check(distance in DISTANCES, f"Expected model.distance in {DISTANCES}, but got {distance!r}")
+        _check(straight_through in STRAIGHT_THROUGH,
+               f"Expected model.straight_through in {STRAIGHT_THROUGH}, but got {straight_through!r}")
+        _check(discretization in MODES, f"Expected model.discretization in {MODES}, but got {discretization!r}")
+        _check(optimizer in OPTIMIZERS, f"Expected model.optimizer in {OPTIMIZERS}, but got {optimizer!r}")
+        _check(init in INITS, f"Expected model.init in {INITS}, but got {init!r}")
+        self.save_hyperparameters()
+        # The resolved run settings and space travel in the checkpoint, so export needs no files.
+        self.hparams.update(scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
+                            space_spec=self.space.to_dict())
+
+        self.gate_logits = torch.nn.Parameter(_initial_logits(self.candidates, self.costs, T, budget, init))  # α (T, K): the only trainable parameters
+        self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
+        self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
+        self.backend = load_backend(model, scheduler)  # frozen, not a submodule: not in checkpoints
+        self.backend.unet.requires_grad_(False).eval()
+        self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.search_seconds = 0.0
+        self._fit_started: float | None = None
+
+    # -- gates ------------------------------------------------------------------------------------
+    @property
+    def num_inference_steps(self) -> int:
+        return self.gate_logits.shape[0]
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.hparams.guidance_scale)
+
+    def temperature(self) -> float:
+        total = 0
+        if self._trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
+            if total <= 0:
+                total = int(self.trainer.estimated_stepping_batches)
+        progress = self.global_step / max(1, total - 1) if total else 1.0
+        return self.space.temperature.at(progress)
+
+    def gate_probabilities(self) -> torch.Tensor:
+        """(T, K): the op probabilities (``gumbel_st``: sampling probabilities softmax(α);
+        ``softmax``: the mixing weights softmax(α / τ) at the current temperature)."""
+        logits = self.gate_logits.detach().float()
+        if self.space.relaxation == "softmax":
+            logits = logits / self.temperature()
+        return logits.softmax(dim=1)
+
+    def expected_nfe(self) -> torch.Tensor:
+        """E[NFE] per sample under the gates (differentiable)."""
+        logits = self.gate_logits.float()
+        if self.space.relaxation == "softmax":
+            logits = logits / self.temperature()
+        costs = torch.tensor(self.costs, dtype=logits.dtype, device=logits.device)
+        return (logits.softmax(dim=1) * costs).sum()
+
+    def gate_weights(self, seeds: torch.Tensor, hard: bool) -> torch.Tensor:
+        """Per-sample op weights (B, T, K) for a training trajectory."""
+        tau = self.temperature()
+        logits = self.gate_logits.float()
+        B = len(seeds)
+        if self.space.relaxation == "softmax":
+            return (logits / tau).softmax(dim=1).expand(B, -1, -1)
+        g = _gumbel(seeds.cpu(), self.global_step, tuple(logits.shape)).to(logits.device)
+        y = ((logits + g) / tau).softmax(dim=2)  # (B, T, K)
+        if not hard:
+            return y
+        one_hot = F.one_hot(y.argmax(dim=2), y.shape[2]).to(y.dtype)
+        return one_hot - y.detach() + y  # straight-through: hard values, soft gradients
+
+    def discrete_indices(self, budget: int | None = None, mode: str | None = None) -> list[int]:
+        mode = mode or self.hparams.discretization
+        budget = self.hparams.budget if budget is None else budget
+        return discretize(self.gate_logits.detach().float().softmax(dim=1), self.costs, budget, mode)
+
+    def discrete_weights(self, batch: int, budget: int | None = None, mode: str | None = None) -> torch.Tensor:
+        picks = torch.tensor(self.discrete_indices(budget, mode), device=self.gate_logits.device)
+        return F.one_hot(picks, len(self.costs)).float().expand(batch, -1, -1)
+
+    def export_policy(self, budget: int | None = None, mode: str | None = None, **provenance) -> Policy:
+        """The discretised policy as a policy file object, with the search's provenance."""
+        mode = mode or self.hparams.discretization
+        budget = self.hparams.budget if budget is None else budget
+        picks = self.discrete_indices(budget, mode)
+        steps = [dict(self.candidates[k]) for k in picks]
+        nfe = sum(self.costs[k] for k in picks)
+        backend = self.backend
+        search = {
+            "space": self.space.name,
+            "ops": self.space.labels(self.candidates),
+            "relaxation": self.space.relaxation,
+            "budget": int(budget),
+            "search_budget": int(self.hparams.budget),
+            "discretization": mode,
+            "train_steps": int(self.global_step),
+            "seconds": round(self.search_seconds, 2),
+            **provenance,
+        }
+        return Policy.static(
+            steps, self.guidance_scale, name=f"searched-{self.space.name}-{nfe}",
+            provenance={
+                "model": self.hparams.model,
+                "scheduler": type(backend.scheduler).__name__,
+                "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale,
+                "search": search,
+            },
+        )
+
+    # -- trajectories -----------------------------------------------------------------------------
+    def _on_device(self):
+        if self.backend.unet.device != self.device:
+            self.backend.to(self.device)
+
+    def _trajectory(self, noise, cond, weights: torch.Tensor | None, compute_all: bool, checkpointing: bool):
+        """Final samples and, if trajectory terms are on, the intermediate ones (T, B, ...)."""
+        xs: list[torch.Tensor] = []
+        keep = self.hparams.trajectory_weight > 0
+        callback = (lambda stats: xs.append(stats.x)) if keep else None
+        denoiser = CheckpointedDenoiser(self.backend.denoiser) if checkpointing else self.backend.denoiser
+        if weights is None:  # the teacher: full CFG at the run's scale
+            policy = Policy.static(["cfg"] * self.num_inference_steps, self.guidance_scale)
+            out = sample(denoiser, self.backend.scheduler, policy, noise, cond, callback=callback)
+        else:
+            controller = GateController(self.candidates, weights, self.guidance_scale, compute_all)
+            out = sample(denoiser, self.backend.scheduler, None, noise, cond, controller=controller, callback=callback)
+        return out.samples, (torch.stack(xs[1:]) if keep and len(xs) > 1 else None)
+
+    @torch.no_grad()
+    def teacher(self, seeds: torch.Tensor, noise: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Full-CFG final samples (and trajectories) for ``seeds``, computed once per seed."""
+        missing = [j for j, s in enumerate(seeds.tolist()) if s not in self._teacher_cache]
+        if missing:
+            idx = torch.tensor(missing, device=noise.device)
+            final, traj = self._trajectory(noise[idx], cond[idx], None, False, False)
+            for n, j in enumerate(missing):
+                self._teacher_cache[int(seeds[j])] = (final[n].cpu(), None if traj is None else traj[:, n].cpu())
+        items = [self._teacher_cache[int(s)] for s in seeds.tolist()]
+        final = torch.stack([f for f, _ in items]).to(noise.device)
+        traj = None if items[0][1] is None else torch.stack([t for _, t in items], dim=1).to(noise.device)
+        return final, traj
+
+    def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = (a - b).float()
+        return diff.pow(2).mean() if self.hparams.distance == "mse" else diff.abs().mean()
+
+    def _student_distance(self, batch, weights, compute_all: bool, checkpointing: bool):
+        self._on_device()
+        seeds, labels = batch["seed"], batch["label"]
+        noise = self.backend.noise(seeds, self.device)
+        cond = self.backend.condition(labels)
+        target, target_traj = self.teacher(seeds, noise, cond)
+        final, traj = self._trajectory(noise, cond, weights, compute_all, checkpointing)
+        d_final = self._distance(final, target)
+        d = d_final
+        if traj is not None and target_traj is not None:
+            d = d + self.hparams.trajectory_weight * self._distance(traj, target_traj)
+        return d, d_final
+
+    # -- Lightning --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        weights = self.gate_weights(batch["seed"], hard=True)
+        compute_all = self.hparams.straight_through == "all"
+        distance, d_final = self._student_distance(batch, weights, compute_all, self.hparams.checkpointing)
+        if self.loss_scale.item() == 0:
+            d0 = distance.detach().clamp_min(1e-12)
+            if self._trainer is not None:
+                d0 = self.trainer.strategy.reduce(d0, reduce_op="mean")
+            self.loss_scale.fill_(float(d0))
+        T = self.num_inference_steps
+        e_nfe = self.expected_nfe()
+        probs = self.gate_logits.float().softmax(dim=1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean()
+        loss = distance / self.loss_scale + self.dual * (e_nfe - self.hparams.budget) / T
+        if self.hparams.entropy_weight > 0:
+            loss = loss + self.hparams.entropy_weight * entropy
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"search loss is {loss.item()} at step {self.global_step} (distance {distance.item()}); "
+                "the run stopped, the last checkpoint before it is intact"
+            )
+        self.log_dict({
+            "train/loss": loss.detach(), "train/distance": d_final.detach(), "train/expected_nfe": e_nfe.detach(),
+            "train/dual": self.dual.clone(), "train/temperature": float(self.temperature()), "train/entropy": entropy.detach(),
+        }, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(batch["seed"]))
+        self.log("nfe", e_nfe.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["seed"]))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Dual ascent on λ after the gates moved: λ ← max(0, λ + ρ (E[NFE] − B) / T).
+        with torch.no_grad():
+            gap = (self.expected_nfe() - self.hparams.budget) / self.num_inference_steps
+            self.dual.copy_((self.dual + self.hparams.dual_lr * gap).clamp_min(0))
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        B = len(batch["seed"])
+        tau = self.temperature()
+        relaxed = (self.gate_logits.float() / tau).softmax(dim=1).expand(B, -1, -1)
+        _, d_relaxed = self._student_distance(batch, relaxed, False, False)
+        _, d_discrete = self._student_distance(batch, self.discrete_weights(B), False, False)
+        picks = self.discrete_indices()
+        self.log_dict({
+            "val/relaxed_distance": d_relaxed, "val/discrete_distance": d_discrete,
+            "val/discrete_nfe": float(sum(self.costs[k] for k in picks)),
+            "val/expected_nfe": self.expected_nfe(),
+        }, prog_bar=False, on_epoch=True, batch_size=B, sync_dist=True)
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam([self.gate_logits], lr=self.hparams.lr)
+        return SharedScaleAdam([self.gate_logits], lr=self.hparams.lr)
+
+    def on_fit_start(self):
+        self._on_device()
+        self._fit_started = time.perf_counter()
+
+    def on_fit_end(self):
+        if self._fit_started is not None:
+            self.search_seconds += time.perf_counter() - self._fit_started
+            self._fit_started = None
+
+    def on_save_checkpoint(self, checkpoint):
+        elapsed = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        checkpoint["agsearch"] = {"search_seconds": self.search_seconds + elapsed}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.search_seconds = float(checkpoint.get("agsearch", {}).get("search_seconds", 0.0))
+
+
+def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: int, init: str) -> torch.Tensor:
+    """(T, K) starting logits, the same at every step.
+
+    ``uniform``: zeros. ``teacher``: probability 0.9 on CFG at the run's scale (the teacher's
+    op), the rest spread evenly: the student starts as the teacher and the budget takes guidance
+    away where it matters least. ``budget``: probability split between the cheapest and the
+    dearest ops so that E[NFE] = budget.
+    """
+    logits = torch.zeros(T, len(costs))
+    lo, hi = min(costs), max(costs)
+    if init == "teacher" and {"op": "cfg"} in candidates:
+        k = candidates.index({"op": "cfg"})
+        rest = 0.1 / (len(costs) - 1)
+        logits[:] = math.log(rest)
+        logits[:, k] = math.log(0.9)
+        return logits
+    if init == "uniform" or lo == hi:
+        return logits
+    target = budget / T  # per-step cost
+    # Probability q on the dearest ops and 1 − q on the others, spread evenly within each group
+    # (exact when the ops cost 1 or 2 NFE, as all ops do today).
+    q = min(max((target - lo) / (hi - lo), 1e-3), 1 - 1e-3)
+    n_hi = sum(c == hi for c in costs)
+    n_lo = len(costs) - n_hi
+    for k, c in enumerate(costs):
+        logits[:, k] = math.log(q / n_hi) if c == hi else math.log((1 - q) / n_lo)
+    return logits
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _model_settings(model: str) -> dict:
+    if model == "digits":
+        from agsearch.models.digits import benchmark_settings
+
+        return benchmark_settings()
+    from agsearch.search.backends import MODELS
+
+    raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")

@@ -1,0 +1,196 @@
+"""Search spaces as data: which guidance ops every step may choose, what each costs, and how the
+choice is relaxed into continuous gates.
+
+A space file (``search_spaces/*.yaml``, shipped in the package as ``agsearch.search_spaces``)::
+
+    name: minimal
+    ops:
+      - {op: cfg, nfe: 2}                      # CFG at the run's scale w
+      - {op: cfg, scales: [1.5, 2.0], nfe: 2}  # CFG at fixed scales (one candidate each)
+      - {op: cfg, strengths: [0.5, 2.0]}       # CFG at w' = 1 + m (w - 1) for each strength m
+      - {op: cond, nfe: 1}
+      - {op: uncond, nfe: 1}
+    relaxation:
+      kind: gumbel_st                          # or softmax
+      temperature: {start: 1.0, end: 0.3, schedule: exponential}   # or linear, constant
+
+``nfe`` is optional; when given it must match what the op costs. Given a run's guidance scale a
+space resolves to K concrete candidates — policy step dicts such as ``{"op": "cfg", "scale": 1.2}``
+— with their NFE costs (K,). The gate logits of a search are (T, K) over these candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agsearch.policy import OP_NFE
+
+RELAXATIONS = ("softmax", "gumbel_st")
+SCHEDULES = ("exponential", "linear", "constant")
+SEARCH_OPS = ("cfg", "cond", "uncond")  # `affine` joins with LinearAG
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Temperature:
+    start: float = 1.0
+    end: float = 0.3
+    schedule: str = "exponential"
+
+    def __post_init__(self):
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise SpaceError(f"Expected temperature {name} to be a positive number, but got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise SpaceError(f"Expected temperature schedule in {SCHEDULES}, but got {self.schedule!r}")
+
+    def at(self, progress: float) -> float:
+        """τ at ``progress`` ∈ [0, 1] of the run."""
+        p = min(max(progress, 0.0), 1.0)
+        if self.schedule == "constant":
+            return self.start
+        if self.schedule == "linear":
+            return self.start + p * (self.end - self.start)
+        return self.start * (self.end / self.start) ** p
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    ops: tuple[dict, ...]  # the file's op entries, as written
+    relaxation: str = "gumbel_st"
+    temperature: Temperature = field(default_factory=Temperature)
+    source: str = ""
+
+    # -- resolution -------------------------------------------------------------------------
+    def candidates(self, guidance_scale: float) -> list[dict]:
+        """The K concrete policy steps for a run at ``guidance_scale``."""
+        out: list[dict] = []
+        for entry in self.ops:
+            if entry["op"] != "cfg":
+                out.append({"op": entry["op"]})
+                continue
+            scales = [float(s) for s in entry.get("scales", [])]
+            scales += [1.0 + float(m) * (guidance_scale - 1.0) for m in entry.get("strengths", [])]
+            if "scales" not in entry and "strengths" not in entry:
+                scales = [float(guidance_scale)]
+            for s in scales:
+                step = {"op": "cfg"} if math.isclose(s, guidance_scale, rel_tol=0, abs_tol=1e-9) else {"op": "cfg", "scale": round(s, 6)}
+                if step not in out:
+                    out.append(step)
+        return out
+
+    @staticmethod
+    def costs(candidates: list[dict]) -> list[int]:
+        return [OP_NFE[c["op"]] for c in candidates]
+
+    @staticmethod
+    def labels(candidates: list[dict]) -> list[str]:
+        return [c["op"] if "scale" not in c else f"cfg@{c['scale']:g}" for c in candidates]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "ops": [dict(op) for op in self.ops],
+            "relaxation": {"kind": self.relaxation, "temperature": dict(self.temperature.__dict__)},
+        }
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, document: Any, source: str = "<dict>") -> "SearchSpace":
+        where = f"{source}: "
+        if not isinstance(document, dict):
+            raise SpaceError(f"{where}a search space is a mapping with 'ops', got {type(document).__name__}")
+        unknown = set(document) - {"name", "ops", "relaxation", "description"}
+        if unknown:
+            raise SpaceError(f"{where}unknown key {sorted(unknown)[0]!r} (expected name, ops, relaxation)")
+        ops = document.get("ops")
+        if not isinstance(ops, list) or not ops:
+            raise SpaceError(f"{where}'ops' must be a non-empty list, got {ops!r}")
+        checked = []
+        for j, entry in enumerate(ops):
+            at = f"{where}ops[{j}]: "
+            if not isinstance(entry, dict) or "op" not in entry:
+                raise SpaceError(f"{at}expected a mapping with an 'op' key, got {entry!r}")
+            op = entry["op"]
+            if op not in SEARCH_OPS:
+                raise SpaceError(f"{at}unknown op {op!r}; expected one of {', '.join(SEARCH_OPS)}")
+            allowed = {"op", "nfe"} | ({"scales", "strengths"} if op == "cfg" else set())
+            extra = set(entry) - allowed
+            if extra:
+                raise SpaceError(f"{at}unknown key {sorted(extra)[0]!r} for op {op!r}")
+            if "nfe" in entry and entry["nfe"] != OP_NFE[op]:
+                raise SpaceError(f"{at}op {op!r} costs {OP_NFE[op]} NFE, but the file says {entry['nfe']!r}")
+            for key in ("scales", "strengths"):
+                values = entry.get(key)
+                if values is None:
+                    continue
+                if not isinstance(values, list) or not values or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values
+                ):
+                    raise SpaceError(f"{at}'{key}' must be a non-empty list of finite numbers >= 0, got {values!r}")
+            checked.append(dict(entry))
+        names = [e["op"] for e in checked]
+        relaxation = document.get("relaxation", {}) or {}
+        if not isinstance(relaxation, dict):
+            raise SpaceError(f"{where}'relaxation' must be a mapping, got {relaxation!r}")
+        kind = relaxation.get("kind", "gumbel_st")
+        if kind not in RELAXATIONS:
+            raise SpaceError(f"{where}relaxation.kind: expected one of {', '.join(RELAXATIONS)}, got {kind!r}")
+        temp = relaxation.get("temperature", {}) or {}
+        if not isinstance(temp, dict) or set(temp) - {"start", "end", "schedule"}:
+            raise SpaceError(f"{where}relaxation.temperature: expected start, end, schedule; got {temp!r}")
+        try:
+            temperature = Temperature(**temp)
+        except SpaceError as e:
+            raise SpaceError(f"{where}relaxation.temperature: {e}") from None
+        space = cls(str(document.get("name", Path(source).stem)), tuple(checked), kind, temperature, source)
+        if len(space.candidates(2.0)) < 2:
+            raise SpaceError(f"{where}a space needs at least two candidate ops to choose from, got {names}")
+        return space
+
+    @classmethod
+    def load(cls, name_or_path: str | Path | dict) -> "SearchSpace":
+        """A space by built-in name (``minimal``, ``adaptive_guidance``, ...), YAML path, or the
+        mapping itself (as stored in a checkpoint)."""
+        if isinstance(name_or_path, dict):
+            return cls.from_dict(name_or_path, str(name_or_path.get("name", "<space>")))
+        text, source = _read(str(name_or_path))
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise SpaceError(f"{source}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+        return cls.from_dict(document, source)
+
+
+def builtin_spaces() -> list[str]:
+    root = resources.files("agsearch.search_spaces")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read(name_or_path: str) -> tuple[str, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpaceError(f"cannot read search space file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
+    resource = resources.files("agsearch.search_spaces") / f"{name_or_path}.yaml"
+    if not resource.is_file():
+        raise SpaceError(
+            f"unknown search space {name_or_path!r}: not a file, and not one of the built-in spaces "
+            f"({', '.join(builtin_spaces())})"
+        )
+    return resource.read_text(encoding="utf-8"), f"{name_or_path} ({resource.name})"

@@ -29,10 +29,7 @@ def _wandb_loggers(trainer: pl.Trainer) -> list:
 def plot_gates(probs: torch.Tensor, labels: list[str], title: str = "", picks: list[int] | None = None):
     """A steps × ops heatmap of gate probabilities (a matplotlib figure); ``picks`` marks the
     discretised op of every step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg by itself
 
     p = probs.detach().float().cpu().numpy().T  # (K, T)
     K, T = p.shape

@@ -1,7 +1,7 @@
 """``agsearch search`` (LightningCLI) and ``agsearch export``.
 
 ``agsearch search`` with no arguments runs the built-in digits search (DDIM, 25 steps, the
-Adaptive Guidance space, budget 35 of 50 NFE), writes the discretised policy with its provenance
+minimal (cfg, cond) space, budget 35 of 50 NFE), writes the discretised policy with its provenance
 and held-out metrics, and prints it next to full CFG, the cutoff and the best guidance interval
 at the same NFE. ``--config FILE`` and dotted overrides (``--model.budget=33``,
 ``--trainer.max_steps=200``) work as in any LightningCLI; ``--print_config`` shows the whole
@@ -95,8 +95,8 @@ def _cli_class():
                 trainer_config["logger"] = _default_logger(self.run_dir, config)
             self.gate_monitor = GateMonitor(self.run_dir)
             extra += [self.gate_monitor,
-                      ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                      every_n_epochs=1, save_on_train_epoch_end=True)]
+                      ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1,
+                                      every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)]
             return self._instantiate_trainer(trainer_config, extra)
 
     return SearchCLI
@@ -177,7 +177,14 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         raise SearchInputError(f"Expected eval.batch_size >= 1, but got {config.eval.batch_size}")
     if trainer.is_global_zero:
         print(f"agsearch search: run directory {cli.run_dir}", file=sys.stderr)
-    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    from agsearch.search.module import NonFiniteLossError
+
+    try:
+        trainer.fit(module, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    except NonFiniteLossError as e:
+        last = cli.run_dir / "checkpoints" / "last.ckpt"
+        where = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written before it"
+        raise NonFiniteLossError(f"{e}; {where}") from None
     if not trainer.is_global_zero:
         return None, None, []
     if trainer.interrupted:
@@ -228,8 +235,9 @@ def evaluate_against_baselines(module, policy: Policy, samples: int, seed: int, 
     if baselines and policy.nfe is not None and T <= policy.nfe <= 2 * T:
         found = static_baselines(evaluator, T, w, policy.nfe)
         records.append({**found["cutoff"].as_dict(), "role": "cutoff"})
-        best = found["interval"]
-        records.append({**best.as_dict(), "role": f"best of {len(found['intervals'])} intervals"})
+        best = found["interval"].as_dict()
+        best["name"] = f"best of {len(found['intervals'])} intervals: {best['name']}"
+        records.append({**best, "role": "best interval"})
     return records
 
 

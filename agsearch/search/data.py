@@ -3,15 +3,15 @@
 Pair i of a set with seed S has noise seed S·10⁶ + i (as in ``agsearch.evaluation``) and class
 label i mod 10. The training set is fixed — like the Adaptive Guidance paper's 10k noise–prompt
 pairs — so the teacher's full-CFG samples are computed once per pair and cached. The order is
-sequential; under DDP Lightning's distributed sampler gives rank r the pairs r, r + W, …, so
-W processes with per-process batch b see exactly the pairs one process sees with batch W·b.
+sequential; under DDP rank r takes the pairs r, r + W, …, so W processes with per-process batch
+b see exactly the pairs one process sees with batch W·b.
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from agsearch.data import NUM_CLASSES
 from agsearch.evaluation import SEED_STRIDE
@@ -55,8 +55,17 @@ class GuidancePairs(pl.LightningDataModule):
                 raise ValueError(f"Expected data.{name} to be an integer >= 0, but got {value}")
         self.save_hyperparameters()
 
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        # In order, also under DDP (Lightning's own distributed sampler would shuffle): rank r
+        # takes pairs r, r + W, ..., so the global batch is the one a single process sees.
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(PairDataset(self.hparams.seed, self.hparams.num_pairs), batch_size=self.hparams.batch_size)
+        return self._loader(PairDataset(self.hparams.seed, self.hparams.num_pairs), self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(PairDataset(self.hparams.val_seed, self.hparams.num_val), batch_size=max(1, self.hparams.num_val))
+        return self._loader(PairDataset(self.hparams.val_seed, self.hparams.num_val), max(1, self.hparams.num_val))

@@ -369,8 +369,8 @@ class PolicySearchModule(pl.LightningModule):
             loss = loss + self.hparams.entropy_weight * entropy
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"search loss is {loss.item()} at step {self.global_step} (distance {distance.item()}); "
-                "the run stopped, the last checkpoint before it is intact"
+                f"search loss is {loss.item()} at step {self.global_step} (distance {distance.item()}, "
+                f"λ {self.dual.item():.4g}); the run stopped"
             )
         self.log_dict({
             "train/loss": loss.detach(), "train/distance": d_final.detach(), "train/expected_nfe": e_nfe.detach(),

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
     model = "SD-1.5-sized UNet2DConditionModel (random weights), 4x64x64 latents" if args.sd15 else "built-in digits UNet2DModel, 1x8x8"
-    lines = [f"# One search step: time and memory with and without gradient checkpointing", "",
+    lines = ["# One search step: time and memory with and without gradient checkpointing", "",
              f"`python experiments/search_memory.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace("  ", " "),
              f"— {model}, batch {batch}, device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
              f"autocast {args.autocast}, DDIM, gates over (cfg, cond) with both passes run at every step.", "",

@@ -1,6 +1,6 @@
 """notebooks/inspect_policy.ipynb runs top to bottom on a fresh search run (so it cannot rot)."""
 
-import os
+
 from pathlib import Path
 
 import nbformat

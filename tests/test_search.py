@@ -312,3 +312,14 @@ def test_checkpointing_keeps_saved_memory_flat_in_T(random_unet):
          for T in (4, 8) for ck in (False, True)}
     assert m[(8, False)] > 1.8 * m[(4, False)]  # grows linearly in T
     assert m[(8, True)] < m[(4, False)] / 10 and m[(8, True)] < m[(8, False)] / 20
+
+
+def test_other_lightning_loggers_through_the_config(tmp_path, capsys):
+    logs = tmp_path / "csv"
+    code, _, err = run_cli(capsys, "search", *tiny(tmp_path, "--trainer.logger=CSVLogger",
+                                                   f"--trainer.logger.save_dir={logs}"))
+    assert code == 0, err
+    (metrics,) = logs.rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0]
+    assert "train/distance" in header and "val/discrete_distance" in header and "train/expected_nfe" in header
+    assert (only_run_dir(tmp_path) / "gates.json").is_file()  # the gate history does not need W&B

@@ -12,7 +12,7 @@ offline run and ``policy.json``. ``--ckpt_path CKPT`` resumes a run in its own d
 
 from __future__ import annotations
 
-import math
+import logging
 import sys
 import time
 from pathlib import Path
@@ -145,8 +145,20 @@ def _one_line(message: str) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
+class _QuietLightning(logging.Filter):
+    """Drop Lightning's chatter that says nothing about this run (seed banner, product tips)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Seed set to") or "litlogger" in message.lower())
+
+
 def build_cli(argv: list[str]):
     """Parse ``argv`` and instantiate model, data and trainer (raises SearchInputError)."""
+    for name in ("lightning_fabric.utilities.seed", "pytorch_lightning.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLightning) for f in logger.filters):
+            logger.addFilter(_QuietLightning())
     from jsonargparse import ArgumentError
 
     from agsearch.search.space import SpaceError

@@ -55,13 +55,13 @@ def measure_step(denoiser, scheduler, noise: torch.Tensor, cond, candidates: lis
     weights = logits.softmax(dim=1).expand(len(noise), -1, -1)
     controller = GateController(candidates, weights, guidance_scale, compute_all=True)
     meter = SavedTensorMeter()
-    wrapped = denoiser
-    if checkpointing:
-        checkpointed = CheckpointedDenoiser(denoiser)
+    checkpointed = CheckpointedDenoiser(denoiser)
 
-        def wrapped(x, t, cond, run_cond, run_uncond):  # count what the checkpoint keeps: its input
-            meter.bytes += x.numel() * x.element_size()
-            return checkpointed(x, t, cond, run_cond, run_uncond)
+    def wrapped(x, t, cond, run_cond, run_uncond):
+        if not checkpointing:
+            return denoiser(x, t, cond, run_cond, run_uncond)
+        meter.bytes += x.numel() * x.element_size()  # what a checkpoint keeps: its input
+        return checkpointed(x, t, cond, run_cond, run_uncond)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)

@@ -137,7 +137,8 @@ class PolicySearchModule(pl.LightningModule):
         optimizer: ``shared_adam`` (Adam with one second-moment scale for all gates, see
             ``SharedScaleAdam``) or ``adam``.
         init: ``budget`` starts the gates at E[NFE] = budget (ops of equal cost equally likely),
-            so λ does not first have to undo an over-budget start; ``uniform`` starts at zeros.
+            so λ does not first have to undo an over-budget start; ``teacher`` puts 0.9 on CFG at
+            the run's scale; ``uniform`` starts at zeros.
     """
 
     def __init__(
@@ -186,7 +187,7 @@ class PolicySearchModule(pl.LightningModule):
                f"Expected model.guidance_scale to be a finite number >= 0, but got {guidance_scale}")
         self.candidates = self.space.candidates(guidance_scale)
         self.costs = self.space.costs(self.candidates)
-        T, K = num_inference_steps, len(self.candidates)
+        T = num_inference_steps
         lo, hi = T * min(self.costs), T * max(self.costs)
         _check(isinstance(budget, int) and lo <= budget <= hi,
                f"Expected model.budget to be an integer between {lo} and {hi} NFE for {T} steps, but got {budget}")
@@ -204,7 +205,8 @@ class PolicySearchModule(pl.LightningModule):
         self.hparams.update(scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
                             space_spec=self.space.to_dict())
 
-        self.gate_logits = torch.nn.Parameter(_initial_logits(self.candidates, self.costs, T, budget, init))  # α (T, K): the only trainable parameters
+        # α (T, K): the only trainable parameters.
+        self.gate_logits = torch.nn.Parameter(_initial_logits(self.candidates, self.costs, T, budget, init))
         self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
         self.backend = load_backend(model, scheduler)  # frozen, not a submodule: not in checkpoints

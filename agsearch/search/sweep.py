@@ -83,7 +83,7 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
 
 def format_sweep(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"# Searched policies vs training-free baselines", "",
+        "# Searched policies vs training-free baselines", "",
         f"Produced by `{meta['command']}`: DDIM {meta['num_inference_steps']} steps, w = {meta['guidance_scale']:g}, "
         f"{meta['samples']} held-out samples (seed {meta['seed']}); MSE and PSNR against full CFG from the same noise. "
         f"The best interval is chosen on these samples (favouring the baseline). Searches took "

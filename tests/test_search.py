@@ -16,7 +16,7 @@ from agsearch.policy import Policy
 from agsearch.search.discretize import discretize
 from agsearch.search.space import SearchSpace, SpaceError, builtin_spaces
 
-TINY = ["--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8", "--data.batch_size=4",
+TINY = ["--model.space=minimal", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8", "--data.batch_size=4",
         "--data.num_val=4", "--trainer.max_steps=4", "--progress=false"]
 
 
@@ -246,10 +246,10 @@ def test_nan_loss_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp_path
 
 def test_print_config_and_config_file(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "search", "--print_config", "--model.budget=33")
-    assert code == 0 and "budget: 33" in out and "space: minimal" in out
+    assert code == 0 and "budget: 33" in out and "space: cfg_scales" in out
     config = tmp_path / "c.yaml"
     config.write_text(out.replace("budget: 33", "budget: 8"))
-    code, _, err = run_cli(capsys, "search", f"--config={config}", *tiny(tmp_path)[:1], *tiny(tmp_path)[2:])
+    code, _, err = run_cli(capsys, "search", f"--config={config}", *[a for a in tiny(tmp_path) if not a.startswith("--model.budget")])
     assert code == 0, err
     assert Policy.load(only_run_dir(tmp_path) / "policy.json").nfe == 8
 
@@ -257,7 +257,7 @@ def test_print_config_and_config_file(tmp_path, capsys):
 def test_experiment_config_parses(capsys):
     root = Path(__file__).resolve().parents[1]
     code, out, err = run_cli(capsys, "search", f"--config={root / 'experiments' / 'digits.yaml'}", "--print_config")
-    assert code == 0, err and "space: minimal" in out
+    assert code == 0 and "space: cfg_scales" in out, err
 
 
 def test_bf16_autocast_step(tmp_path, capsys):
@@ -286,7 +286,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_sweep_writes_table_plot_and_policies(tmp_path, capsys):
     out = tmp_path / "sweep"
     code, stdout, err = run_cli(capsys, "sweep", "--budgets", 6, 8, "--samples", 20, "--out-dir", out, "--no-progress",
-                                "--", *TINY[:1], "--data.num_pairs=8", "--data.batch_size=4", "--data.num_val=4",
+                                "--", *TINY[1:2], "--data.num_pairs=8", "--data.batch_size=4", "--data.num_val=4",
                                 "--trainer.max_steps=2", "--wandb.mode=disabled", f"--trainer.default_root_dir={tmp_path / 'r'}")
     assert code == 0, err
     rows = json.loads((out / "sweep.json").read_text())["records"]

@@ -323,3 +323,19 @@ def test_other_lightning_loggers_through_the_config(tmp_path, capsys):
     header = metrics.read_text().splitlines()[0]
     assert "train/distance" in header and "val/discrete_distance" in header and "train/expected_nfe" in header
     assert (only_run_dir(tmp_path) / "gates.json").is_file()  # the gate history does not need W&B
+
+
+def test_polish_keeps_the_nfe_and_never_raises_the_distance():
+    from agsearch.search.data import PairDataset
+    from agsearch.search.module import PolicySearchModule
+
+    module = PolicySearchModule(space="cfg_scales", num_inference_steps=5, budget=7)
+    ds = PairDataset(3, 8)
+    batch = {k: torch.stack([ds[i][k] for i in range(8)]) for k in ("seed", "label")}
+    labels = module.space.labels(module.candidates)
+    cond, strong = labels.index("cond"), labels.index("cfg@1.3")
+    start = [cond, strong, strong, cond, cond]  # guidance at too high a scale, step 0 unguided
+    picks, record = module.polish(batch, start, rounds=2)
+    assert sum(module.costs[k] for k in picks) == 7
+    assert record["distance_after"] < record["distance_before"] and record["moves"]
+    assert module.polish(batch, start, rounds=0) == (start, {"rounds": 0, "moves": [], "evaluations": 0})

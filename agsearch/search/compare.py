@@ -42,15 +42,18 @@ def static_baselines(evaluator: DigitsEvaluator, steps: int, scale: float, nfe: 
 
 
 def ag_at_nfe(evaluator: DigitsEvaluator, steps: int, scale: float, nfe: float, space: str = "x0",
-              iterations: int = 8, lo: float = 0.0, hi: float = 1.0) -> EvalRecord:
-    """The AG rule whose mean NFE is closest to ``nfe``, by bisection on its threshold."""
+              iterations: int = 12) -> EvalRecord:
+    """The AG rule whose mean NFE is closest to ``nfe``: bisection on the threshold in the
+    variable u = −log₁₀(1 − γ̄) ∈ [0, 7], since the useful thresholds crowd just below 1."""
     best: EvalRecord | None = None
+    lo, hi = 0.0, 7.0
     for _ in range(iterations):
-        mid = round((lo + hi) / 2, 6)
-        record = evaluator.evaluate(Policy.adaptive(steps, scale, mid, space, name=f"ag-{space}-{mid:g}"))
+        u = (lo + hi) / 2
+        threshold = round(1 - 10 ** (-u), 8)
+        record = evaluator.evaluate(Policy.adaptive(steps, scale, threshold, space, name=f"ag-{space}-{threshold:g}"))
         if best is None or abs(record.nfe - nfe) < abs(best.nfe - nfe):
             best = record
         if abs(record.nfe - nfe) <= 0.05:
             break
-        lo, hi = (mid, hi) if record.nfe < nfe else (lo, mid)
+        lo, hi = (u, hi) if record.nfe < nfe else (lo, u)
     return best

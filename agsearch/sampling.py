@@ -188,6 +188,8 @@ def sample(
         controller = controller_for(policy)
     num_steps = policy.num_inference_steps if policy is not None else controller.num_inference_steps
     # A `cfg` op without its own scale runs at the policy's (or the controller's) guidance scale.
+    if policy is None and not hasattr(controller, "guidance_scale"):
+        raise ValueError("a controller used without a policy must define guidance_scale (the scale of a cfg op without its own)")
     default_scale = float(policy.guidance_scale if policy is not None else controller.guidance_scale)
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_steps, device=noise.device)

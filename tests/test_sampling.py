@@ -109,6 +109,7 @@ def test_soft_weights_carry_gradients(denoiser, scheduler):
 
     class Soft:
         num_inference_steps = T
+        guidance_scale = 1.5  # for a cfg op without its own scale
         ops = [{"op": "cfg", "scale": 2.0}, {"op": "cond"}]
 
         def plan(self, i, batch, device):

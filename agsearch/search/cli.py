@@ -61,7 +61,7 @@ def _cli_class():
                                 help="policy JSON to write (default: <run dir>/policy.json)")
             parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                                 help="resume from this checkpoint (continues its run directory)")
-            parser.add_argument("--eval.samples", type=int, default=200,
+            parser.add_argument("--eval.samples", type=int, default=100,
                                 help="held-out samples for the final comparison (0: skip it)")
             parser.add_argument("--eval.seed", type=int, default=1, help="held-out noise seed (search uses data.seed)")
             parser.add_argument("--eval.batch_size", type=int, default=1000)
@@ -279,6 +279,8 @@ def search_main(argv: list[str]) -> int:
     print(f"policy: {path}")
     print(f"{policy.label()}  {policy.ops_string()}  NFE {policy.nfe}")
     if records:
+        n, seed = records[0]["samples"], policy.metrics.get("eval", {}).get("seed")
+        print(f"held-out comparison, {n} samples (seed {seed}); `agsearch sweep` compares on 1000:")
         print(format_table(records, markdown=False))
     return 0
 

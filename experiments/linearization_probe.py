@@ -27,7 +27,7 @@ def main() -> int:
     module = PolicySearchModule(space="cfg_scales", budget=35, checkpointing=False)
     labels = module.space.labels(module.candidates)
     pairs = PairDataset(0, 64)
-    batch = {k: torch.stack([pairs[i][k] for i in range(len(pairs))]) for k in ("seed", "label")}
+    batch = pairs.batch()
     T, K = module.num_inference_steps, len(labels)
     base = torch.zeros(T, K)
     base[:10, labels.index("cfg")] = 1

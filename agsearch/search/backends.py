@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 from agsearch.data import IMAGE_SHAPE, NULL_CLASS
 from agsearch.denoisers import ClassConditionalDenoiser
 from agsearch.evaluation import make_noise
-from agsearch.schedulers import SCHEDULERS, make_scheduler
+from agsearch.schedulers import make_scheduler
 
 MODELS = ("digits",)
 
@@ -36,17 +36,12 @@ class CheckpointedDenoiser:
 class DigitsBackend:
     """The built-in class-conditional digits UNet (``agsearch.models.digits``)."""
 
-    name = "digits"
-
     def __init__(self, scheduler: str = "ddim", unet=None):
         from agsearch.models.digits import SCHEDULER_CONFIG, load_unet
 
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
+        self.scheduler = make_scheduler(scheduler, SCHEDULER_CONFIG)  # checks the name
         self.unet = (unet if unet is not None else load_unet()).requires_grad_(False).eval()
         self.denoiser = ClassConditionalDenoiser(self.unet, NULL_CLASS)
-        self.scheduler = make_scheduler(scheduler, SCHEDULER_CONFIG)
-        self.scheduler_name = scheduler
 
     def to(self, device) -> "DigitsBackend":
         self.unet.to(device)

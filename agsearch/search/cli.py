@@ -161,15 +161,11 @@ def build_cli(argv: list[str]):
             logger.addFilter(_QuietLightning())
     from jsonargparse import ArgumentError
 
-    from agsearch.search.space import SpaceError
-
     cls = _cli_class()
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees a command line
     try:
         return cls(argv)
-    except ArgumentError as e:
-        raise SearchInputError(_one_line(str(e))) from None
-    except (SpaceError, ValueError) as e:
+    except (ArgumentError, ValueError) as e:  # ValueError includes SpaceError
         raise SearchInputError(_one_line(str(e))) from None
     finally:
         sys.argv = saved
@@ -207,8 +203,7 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
     if module.hparams.polish_rounds and data.num_val:
         from agsearch.search.data import PairDataset
 
-        val = PairDataset(data.val_seed, data.num_val)
-        batch = {k: torch.stack([val[i][k] for i in range(len(val))]).to(module.device) for k in ("seed", "label")}
+        batch = PairDataset(data.val_seed, data.num_val).batch(module.device)
         picks, polish = module.polish(batch, picks, module.hparams.polish_rounds)
     policy = module.export_policy(picks=picks, polish=polish, seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
                                   processes=int(trainer.world_size), run_dir=str(cli.run_dir),
@@ -220,8 +215,7 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         records = evaluate_against_baselines(module, policy, config.eval.samples, config.eval.seed,
                                              config.eval.batch_size, config.eval.baselines, config.progress)
         searched = next(r for r in records if r["role"] == "searched")
-        policy.metrics["eval"] = {k: searched[k] for k in ("nfe", "accuracy", "mse", "psnr", "fd", "samples")}
-        policy.metrics["eval"]["seed"] = config.eval.seed
+        policy.metrics["eval"] = eval_metrics(searched, config.eval.seed)
     path = policy.save(out)
     cli.gate_monitor.write(module)
     from agsearch.search.callbacks import log_policy_artifact
@@ -232,6 +226,11 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         if hasattr(exp, "finish"):
             exp.finish()
     return policy, path, records
+
+
+def eval_metrics(record: dict, seed: int) -> dict:
+    """The held-out metrics a policy file keeps, from an evaluation record."""
+    return {**{k: record[k] for k in ("nfe", "accuracy", "mse", "psnr", "fd", "samples")}, "seed": seed}
 
 
 def evaluate_against_baselines(module, policy: Policy, samples: int, seed: int, batch_size: int,
@@ -287,7 +286,8 @@ def search_main(argv: list[str]) -> int:
 
 # -- export -----------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path):
-    """A ``PolicySearchModule`` with the gates of a search checkpoint (no pickle: weights_only)."""
+    """(``PolicySearchModule`` with the gates of a search checkpoint, the checkpoint dict);
+    no pickle: weights_only."""
     from agsearch.search.module import PolicySearchModule
 
     path = Path(path)
@@ -311,21 +311,17 @@ def load_checkpoint(path: str | Path):
     module = PolicySearchModule(**kwargs)
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
-    module._checkpoint_info = {"global_step": int(checkpoint.get("global_step", 0)),
-                               "data": dict(checkpoint.get("datamodule_hyper_parameters", {}))}
-    return module
+    return module, checkpoint
 
 
 def export_checkpoint(ckpt: str | Path, budget: int | None, out: str | Path, mode: str = "exact") -> Policy:
-    module = load_checkpoint(ckpt)
-    info = module._checkpoint_info
-    T = module.num_inference_steps
-    lo, hi = T * min(module.costs), T * max(module.costs)
-    if mode == "exact" and budget is not None and not (isinstance(budget, int) and lo <= budget <= hi):
-        raise SearchInputError(f"Expected --budget to be an integer between {lo} and {hi} NFE for {T} steps, but got {budget}")
-    # A checkpoint knows its global step through the trainer; restore it for the provenance.
-    policy = module.export_policy(budget, mode, seed=info["data"].get("seed"), checkpoint=str(ckpt))
-    policy.provenance["search"]["train_steps"] = info["global_step"]
+    """Discretise a checkpoint's gates at ``budget`` (a bad budget is a ValueError from
+    ``discretize``, naming the valid range) and save the policy."""
+    module, checkpoint = load_checkpoint(ckpt)
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    # Outside a trainer the module's global_step is 0: the checkpoint's counts.
+    policy = module.export_policy(budget, mode, seed=data.get("seed"), checkpoint=str(ckpt),
+                                  train_steps=int(checkpoint.get("global_step", 0)))
     policy.save(out)
     return policy
 

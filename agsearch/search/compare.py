@@ -9,20 +9,15 @@ threshold (its NFE is a mean over samples, so it lands close to, not on, the tar
 
 from __future__ import annotations
 
+from agsearch.baselines import make_baseline
 from agsearch.evaluation import DigitsEvaluator, EvalRecord
 from agsearch.policy import Policy
 
 
-def cutoff_policy(steps: int, scale: float, k: int) -> Policy:
-    return Policy.static(["cfg"] * k + ["cond"] * (steps - k), scale, name=f"cutoff-{k}/{steps}",
-                         provenance={"baseline": "cutoff", "options": {"fraction": k / steps}})
-
-
 def interval_policies(steps: int, scale: float, k: int) -> list[Policy]:
-    """Every window of k consecutive CFG steps (the start 0 window is the cutoff)."""
-    return [cutoff_policy(steps, scale, k)] + [
-        Policy.static(["cond"] * a + ["cfg"] * k + ["cond"] * (steps - a - k), scale, name=f"interval-{a}:{a + k}/{steps}",
-                      provenance={"baseline": "interval", "options": {"start": a / steps, "stop": (a + k) / steps}})
+    """Every window of k consecutive CFG steps; the first (start 0) is the cutoff."""
+    return [make_baseline("cutoff", steps, scale, fraction=k / steps)] + [
+        make_baseline("interval", steps, scale, start=a / steps, stop=(a + k) / steps)
         for a in range(1, steps - k + 1)
     ]
 

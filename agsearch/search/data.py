@@ -30,6 +30,11 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"seed": torch.tensor(self.seed * SEED_STRIDE + i), "label": torch.tensor(i % NUM_CLASSES)}
 
+    def batch(self, device="cpu") -> dict:
+        """All pairs as one batch: {"seed": (N,), "label": (N,)}."""
+        i = torch.arange(self.size)
+        return {"seed": (self.seed * SEED_STRIDE + i).to(device), "label": (i % NUM_CLASSES).to(device)}
+
 
 class GuidancePairs(pl.LightningDataModule):
     """Seeds and class labels for the search and its validation.

@@ -214,7 +214,6 @@ class PolicySearchModule(pl.LightningModule):
         self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
         self.backend = load_backend(model, scheduler)  # frozen, not a submodule: not in checkpoints
-        self.backend.unet.requires_grad_(False).eval()
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.search_seconds = 0.0
         self._fit_started: float | None = None
@@ -237,33 +236,31 @@ class PolicySearchModule(pl.LightningModule):
         progress = self.global_step / max(1, total - 1) if total else 1.0
         return self.space.temperature.at(progress)
 
-    def gate_probabilities(self) -> torch.Tensor:
-        """(T, K): the op probabilities (``gumbel_st``: sampling probabilities softmax(α);
-        ``softmax``: the mixing weights softmax(α / τ) at the current temperature)."""
-        logits = self.gate_logits.detach().float()
+    def _op_probabilities(self) -> torch.Tensor:
+        """(T, K), differentiable: ``gumbel_st`` samples ops from softmax(α); ``softmax`` mixes
+        them with softmax(α / τ) at the current temperature."""
+        logits = self.gate_logits.float()
         if self.space.relaxation == "softmax":
             logits = logits / self.temperature()
         return logits.softmax(dim=1)
 
+    def gate_probabilities(self) -> torch.Tensor:
+        """(T, K): the op probabilities, detached (for logging and plots)."""
+        return self._op_probabilities().detach()
+
     def expected_nfe(self) -> torch.Tensor:
         """E[NFE] per sample under the gates (differentiable)."""
-        logits = self.gate_logits.float()
-        if self.space.relaxation == "softmax":
-            logits = logits / self.temperature()
-        costs = torch.tensor(self.costs, dtype=logits.dtype, device=logits.device)
-        return (logits.softmax(dim=1) * costs).sum()
+        probs = self._op_probabilities()
+        return (probs * torch.tensor(self.costs, dtype=probs.dtype, device=probs.device)).sum()
 
-    def gate_weights(self, seeds: torch.Tensor, hard: bool) -> torch.Tensor:
+    def gate_weights(self, seeds: torch.Tensor) -> torch.Tensor:
         """Per-sample op weights (B, T, K) for a training trajectory."""
-        tau = self.temperature()
-        logits = self.gate_logits.float()
         B = len(seeds)
         if self.space.relaxation == "softmax":
-            return (logits / tau).softmax(dim=1).expand(B, -1, -1)
+            return self._op_probabilities().expand(B, -1, -1)
+        logits = self.gate_logits.float()
         g = _gumbel(seeds.cpu(), self.global_step, tuple(logits.shape)).to(logits.device)
-        y = ((logits + g) / tau).softmax(dim=2)  # (B, T, K)
-        if not hard:
-            return y
+        y = ((logits + g) / self.temperature()).softmax(dim=2)  # (B, T, K)
         one_hot = F.one_hot(y.argmax(dim=2), y.shape[2]).to(y.dtype)
         return one_hot - y.detach() + y  # straight-through: hard values, soft gradients
 
@@ -272,9 +269,9 @@ class PolicySearchModule(pl.LightningModule):
         budget = self.hparams.budget if budget is None else budget
         return discretize(self.gate_logits.detach().float().softmax(dim=1), self.costs, budget, mode)
 
-    def discrete_weights(self, batch: int, budget: int | None = None, mode: str | None = None) -> torch.Tensor:
-        picks = torch.tensor(self.discrete_indices(budget, mode), device=self.gate_logits.device)
-        return F.one_hot(picks, len(self.costs)).float().expand(batch, -1, -1)
+    def _hard_weights(self, picks: list[int], batch: int) -> torch.Tensor:
+        """One-hot op weights (B, T, K) of a discrete policy given as op indices (T,)."""
+        return F.one_hot(torch.tensor(picks, device=self.device), len(self.costs)).float().expand(batch, -1, -1)
 
     @torch.no_grad()
     def polish(self, batch: dict, picks: list[int], rounds: int) -> tuple[list[int], dict]:
@@ -300,8 +297,7 @@ class PolicySearchModule(pl.LightningModule):
 
         def distance(p: list[int]) -> float:
             record["evaluations"] += 1
-            weights = F.one_hot(torch.tensor(p, device=self.device), len(self.costs)).float().expand(B, -1, -1)
-            return self._student_distance(batch, weights, False, False)[1].item()
+            return self._student_distance(batch, self._hard_weights(p, B), False, False)[1].item()
 
         def moves(p: list[int], t: int):
             for j in range(len(self.costs)):
@@ -421,7 +417,7 @@ class PolicySearchModule(pl.LightningModule):
 
     # -- Lightning --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        weights = self.gate_weights(batch["seed"], hard=True)
+        weights = self.gate_weights(batch["seed"])
         compute_all = self.hparams.straight_through == "all"
         distance, d_final = self._student_distance(batch, weights, compute_all, self.hparams.checkpointing)
         if self.loss_scale.item() == 0:
@@ -457,11 +453,10 @@ class PolicySearchModule(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
         B = len(batch["seed"])
-        tau = self.temperature()
-        relaxed = (self.gate_logits.float() / tau).softmax(dim=1).expand(B, -1, -1)
+        relaxed = (self.gate_logits.float() / self.temperature()).softmax(dim=1).expand(B, -1, -1)
         _, d_relaxed = self._student_distance(batch, relaxed, False, False)
-        _, d_discrete = self._student_distance(batch, self.discrete_weights(B), False, False)
         picks = self.discrete_indices()
+        _, d_discrete = self._student_distance(batch, self._hard_weights(picks, B), False, False)
         self.log_dict({
             "val/relaxed_distance": d_relaxed, "val/discrete_distance": d_discrete,
             "val/discrete_nfe": float(sum(self.costs[k] for k in picks)),

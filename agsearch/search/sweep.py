@@ -22,7 +22,7 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
               ag: bool = True, root: str = "runs/sweep") -> list[dict]:
     from agsearch.evaluation import DigitsEvaluator
     from agsearch.models.digits import benchmark_settings
-    from agsearch.search.cli import run_search
+    from agsearch.search.cli import eval_metrics, run_search
     from agsearch.search.compare import ag_at_nfe, static_baselines
 
     overrides = list(overrides or [])
@@ -61,8 +61,7 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
                 record = evaluator.evaluate(policy)
                 add(record, f"searched ({space})", budget, {"search_seconds": policy.provenance["search"]["seconds"],
                                                             "ops": policy.ops_string()})
-                policy.metrics["eval"] = {k: getattr(record, k) for k in ("nfe", "accuracy", "mse", "psnr", "fd", "samples")}
-                policy.metrics["eval"]["seed"] = seed
+                policy.metrics["eval"] = eval_metrics(record.as_dict(), seed)
                 policy.save(policy_dir / f"{space}-b{b}.json")
         if ag:
             add(ag_at_nfe(evaluator, T, w, budget), "AG (x0) at this NFE", budget)

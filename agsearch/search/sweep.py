@@ -21,7 +21,7 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
               batch_size: int = 1000, overrides: list[str] | None = None, progress: bool = True,
               ag: bool = True, root: str = "runs/sweep") -> list[dict]:
     from agsearch.evaluation import DigitsEvaluator
-    from agsearch.models.digits import benchmark_settings
+    from agsearch.schedulers import SCHEDULERS
     from agsearch.search.cli import eval_metrics, run_search
     from agsearch.search.compare import ag_at_nfe, static_baselines
 
@@ -38,10 +38,11 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
             searched.append((Path(space).stem, budget, policy))
     search_seconds = time.perf_counter() - started
 
-    settings = benchmark_settings()
+    # Evaluate with the searches' own settings (overrides such as --model.scheduler included).
     first = searched[0][2]
     T, w = first.num_inference_steps, first.guidance_scale
-    evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=settings["scheduler"], batch_size=batch_size,
+    scheduler = next(name for name, (cls, _) in SCHEDULERS.items() if cls == first.provenance["scheduler"])
+    evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=scheduler, batch_size=batch_size,
                                 progress=progress)
     rows: list[dict] = []
 
@@ -71,7 +72,7 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
             [f"--budgets {' '.join(map(str, budgets))}", f"--spaces {' '.join(spaces)}", f"--samples {samples}",
              f"--seed {seed}", f"--out-dir {out_dir}"] + [f"-- {' '.join(overrides)}" if overrides else ""]).strip(),
         "samples": samples, "seed": seed, "num_inference_steps": T, "guidance_scale": w,
-        "scheduler": settings["scheduler"], "search_seconds_total": round(search_seconds, 1),
+        "scheduler": scheduler, "search_seconds_total": round(search_seconds, 1),
         "interval_sweep_seconds": round(interval_seconds, 1),
     }
     atomic_write_text(out_dir / "sweep.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")

@@ -182,7 +182,7 @@ def sd15(seed: int = 0, tokenizer: bool = False, device="cpu", dtype=torch.float
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer() if tokenizer else None, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return _quiet(pipe.to(device=device, dtype=dtype))
+    return _quiet(pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype))
 
 
 def random_prompt_embeds(pipe, batch: int, seed: int = 0) -> torch.Tensor:

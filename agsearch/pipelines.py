@@ -54,10 +54,8 @@ def pipeline_x0(scheduler, x_in: torch.Tensor, out: torch.Tensor, t, i: int) -> 
     x̂0 = x_t − σ v. Otherwise :func:`agsearch.sampling.predict_x0` on the unscaled sample
     (σ-parameterised schedulers feed the model x / sqrt(σ² + 1)).
     """
-    if "FlowMatch" in type(scheduler).__name__:
-        return x_in - scheduler.sigmas[i].to(x_in) * out
     x = x_in
-    if float(scheduler.init_noise_sigma) != 1.0:
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
         x = x_in * (scheduler.sigmas[i].to(x_in) ** 2 + 1).sqrt()
     return predict_x0(scheduler, x, out, t, i)
 

@@ -60,7 +60,8 @@ class RowCounter:
         self.handle.remove()
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("name", ["sd", pytest.param("sdxl", marks=pytest.mark.slow),
+                                  pytest.param("sd3", marks=pytest.mark.slow)])
 def test_full_cfg_policy_gives_the_plain_pipeline_images(pipes, name):
     pipe = pipes[name]
     kwargs = dict(negative_prompt=["blurry", "ugly"], num_images_per_prompt=2)
@@ -72,7 +73,7 @@ def test_full_cfg_policy_gives_the_plain_pipeline_images(pipes, name):
     assert runner.nfe.tolist() == [2.0 * T] * 4
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("name", ["sd", pytest.param("sdxl", marks=pytest.mark.slow), "sd3"])
 def test_denoiser_evaluations_equal_the_policy_nfe(pipes, name):
     pipe = pipes[name]
     policy = Policy.static(["cfg", {"op": "cfg", "scale": 3.0}, "cond", "uncond"], W)
@@ -200,3 +201,28 @@ def test_bad_use_is_refused(pipes):
     with apply_policy(pipe, Policy.static(["cond"] * T, W)) as runner:
         _call(pipe, "a red cube", guidance_scale=1.0)  # no unconditional pass needed
     assert runner.nfe.tolist() == [T]
+
+
+@pytest.mark.parametrize("name,prediction", [("sd", "epsilon"), pytest.param("sd", "v_prediction", marks=pytest.mark.slow),
+                                             ("sd3", "flow")])
+def test_denoiser_adapters_reproduce_the_pipeline(pipes, name, prediction):
+    """agsearch's own sampler over the adapters gives the latents the pipeline gives under apply_policy
+    (ε, v and flow-matching velocity), for a static policy with a per-step scale and for AG."""
+    from agsearch import sample
+    from agsearch.text_denoisers import TextCondition, denoiser_for
+
+    pipe = tiny_pipelines.tiny_sd(prediction_type=prediction) if prediction == "v_prediction" else pipes[name]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts, negatives = ["a red cube", "a dog"], ["blurry", ""]
+    cond = TextCondition.from_pipeline(pipe, prompts, negatives)
+    size = 16 * pipe.vae_scale_factor
+    for policy in (Policy.static(["cfg", {"op": "cfg", "scale": 3.0}, "cond", "cfg"], W), Policy.adaptive(T, W, 0.0)):
+        with apply_policy(pipe, policy) as runner:
+            theirs = pipe(prompts, negative_prompt=negatives, latents=latents.clone(), num_inference_steps=T,
+                          guidance_scale=W, output_type="latent", height=size, width=size).images
+        denoiser = denoiser_for(pipe)
+        ours = sample(denoiser, pipe.scheduler, policy, latents.clone(), cond)
+        torch.testing.assert_close(ours.samples, theirs, rtol=0, atol=1e-5)
+        assert ours.nfe.tolist() == runner.nfe.tolist() and denoiser.evaluations == ours.nfe.sum()
+        if policy.kind == "adaptive":
+            torch.testing.assert_close(ours.cosine_x0[0], runner.gammas[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from agsearch.pipelines import SUPPORTED, apply_policy
 from agsearch.policy import Policy, atomic_write_bytes
+from agsearch.text_metrics import mse_psnr
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -107,10 +107,6 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def psnr(mse: float) -> float:
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
-
-
 def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, steps: int | None = None,
              resample: bool = False, reference: bool = True, height: int | None = None,
              width: int | None = None, warmup: bool = True) -> dict:
@@ -143,9 +139,9 @@ def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, step
               "nfe_per_image": runner.nfe.tolist(), "full_cfg_nfe": 2 * steps, "seconds": seconds}
     if reference:
         full, full_seconds = call()
-        mse = ((images - full) ** 2).flatten(1).mean(1)  # (N,)
+        mse, psnr = mse_psnr(images, full)  # (N,), N values in dB
         report.update(full_cfg_seconds=full_seconds, speedup=full_seconds / seconds,
-                      mse_vs_full_cfg=mse.tolist(), psnr_vs_full_cfg=[psnr(m) for m in mse.tolist()])
+                      mse_vs_full_cfg=mse.tolist(), psnr_vs_full_cfg=psnr)
     return {"images": images, "report": report}
 
 

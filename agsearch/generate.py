@@ -121,7 +121,8 @@ def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, step
         kwargs["negative_prompt"] = [p.negative_prompt or "" for p in prompts]
 
     if warmup:  # the first calls of a process at each batch shape pay one-time setup costs
-        with torch.inference_mode(), apply_policy(pipe, Policy.static(["cfg", "cond"], policy.guidance_scale)):
+        ops = [policy.steps[0], policy.steps[-1]] if policy.steps else ["cfg", "cond"]
+        with torch.inference_mode(), apply_policy(pipe, Policy.static(ops, policy.guidance_scale)):
             pipe(**{**kwargs, "num_inference_steps": 2})
 
     def call(**extra):

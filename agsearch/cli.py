@@ -196,6 +196,8 @@ def cmd_generate(args) -> int:
     if args.scale is not None:  # the scale of full CFG and of cfg steps without their own
         policy = Policy.from_dict({**policy.to_dict(), "guidance_scale": args.scale}, str(args.policy))
     policy.for_steps(args.steps or policy.num_inference_steps, args.resample)  # before loading the model
+    if args.clip_weights is not None and not args.clip_weights.is_file():
+        raise BadInput(f"--clip-weights {args.clip_weights} does not exist")
     pipeline_class(args.pipeline)
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -206,8 +208,16 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
     result = generate(pipe, policy, prompts, seed=args.seed, steps=args.steps, resample=args.resample,
                       reference=not args.no_reference, height=args.height, width=args.width)
-    paths = write_images(result["images"], args.out)
     r = result["report"]
+    if args.clip_weights is not None:
+        from agsearch.text_metrics import ClipScorer
+
+        scorer = ClipScorer.load(args.clip_model, args.clip_weights, device=args.device)
+        texts = [p.prompt for p in prompts]
+        r["clip_score"] = scorer.score(result["images"], texts).tolist()
+        if result["full_cfg_images"] is not None:
+            r["full_cfg_clip_score"] = scorer.score(result["full_cfg_images"], texts).tolist()
+    paths = write_images(result["images"], args.out)
     nfe = sum(r["nfe_per_image"]) / len(r["nfe_per_image"])
     line = (f"{r['policy']}: NFE {nfe:g} per image of {r['full_cfg_nfe']} for full CFG "
             f"({nfe / r['full_cfg_nfe']:.0%}), {r['seconds']:.2f}s")
@@ -215,6 +225,10 @@ def cmd_generate(args) -> int:
         mean_psnr = sum(r["psnr_vs_full_cfg"]) / len(r["psnr_vs_full_cfg"])
         line += (f"; full CFG {r['full_cfg_seconds']:.2f}s, speedup {r['speedup']:.2f}x; "
                  f"vs full CFG: MSE {sum(r['mse_vs_full_cfg']) / len(prompts):.3g}, PSNR {mean_psnr:.1f} dB")
+    if "clip_score" in r:
+        line += f"; CLIP score {sum(r['clip_score']) / len(prompts):.2f}"
+        if "full_cfg_clip_score" in r:
+            line += f" (full CFG {sum(r['full_cfg_clip_score']) / len(prompts):.2f})"
     print(line)
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
@@ -316,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--no-reference", action="store_true", help="skip the full-CFG reference call")
+    p.add_argument("--clip-weights", type=Path, help="open-clip weights file: also report CLIP scores")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open-clip model name of --clip-weights")
     p.add_argument("--json", type=Path, help="write the NFE/time report as JSON here")
     p.add_argument("--out", type=Path, required=True, help="PNG to write (<stem>-<i>.png for several prompts)")
     p.set_defaults(func=cmd_generate)

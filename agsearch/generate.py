@@ -138,12 +138,13 @@ def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, step
         images, seconds = call()
     report = {"policy": policy.label(), "steps": steps, "guidance_scale": policy.guidance_scale,
               "nfe_per_image": runner.nfe.tolist(), "full_cfg_nfe": 2 * steps, "seconds": seconds}
+    full = None
     if reference:
         full, full_seconds = call()
         mse, psnr = mse_psnr(images, full)  # (N,), N values in dB
         report.update(full_cfg_seconds=full_seconds, speedup=full_seconds / seconds,
                       mse_vs_full_cfg=mse.tolist(), psnr_vs_full_cfg=psnr)
-    return {"images": images, "report": report}
+    return {"images": images, "full_cfg_images": full, "report": report}
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

@@ -199,3 +199,28 @@ def random_prompt_embeds(pipe, batch: int, seed: int = 0) -> torch.Tensor:
 def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# A tiny open-clip CLIP (ViT image tower, CLIP BPE text tower), for the CLIP-score tests.
+TINY_CLIP_NAME = "agsearch-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": CLIP_VOCAB_SIZE, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_clip_weights(folder: str | Path, seed: int = 0) -> Path:
+    """Register the tiny CLIP config with open_clip (as ``TINY_CLIP_NAME``) and save random weights
+    for it as ``folder/tiny-clip.safetensors``: what ``ClipScorer.load`` reads for a real model."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP_CONFIG), "utf-8")
+    open_clip.add_model_config(folder / f"{TINY_CLIP_NAME}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_CLIP_NAME)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "tiny-clip.safetensors")
+    return folder / "tiny-clip.safetensors"

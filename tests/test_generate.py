@@ -93,3 +93,19 @@ def test_read_prompts(tmp_path):
     jsonl.write_text('{"prompt": "a cat", "negative_prompt": "blurry"}\n{"prompt": "x", "seed": 1}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2: unknown field\(s\) \['seed'\]"):
         read_prompts(jsonl)
+
+
+def test_generate_reports_clip_scores(folder, tmp_path, capsys):
+    pytest.importorskip("open_clip")
+    from agsearch.tiny_pipelines import TINY_CLIP_NAME, tiny_clip_weights
+
+    weights = tiny_clip_weights(tmp_path / "clip")
+    report = tmp_path / "r.json"
+    code, stdout, err = run(capsys, "generate", "--pipeline", folder / "sd", "--policy", folder / "policy.json",
+                            "--prompt", "a red cube", "--height", 32, "--width", 32, "--clip-model",
+                            TINY_CLIP_NAME, "--clip-weights", weights,
+                            "--json", report, "--out", tmp_path / "img.png")
+    assert code == 0, err
+    assert "CLIP score" in stdout and "(full CFG" in stdout
+    r = json.loads(report.read_text())
+    assert 0 <= r["clip_score"][0] <= 100 and 0 <= r["full_cfg_clip_score"][0] <= 100

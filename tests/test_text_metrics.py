@@ -1,34 +1,23 @@
 """CLIP score, CLIP-space Fréchet distance and teacher MSE/PSNR, on a random-weight tiny open-clip model."""
 
-import json
 import math
 
 import pytest
 import torch
 
-open_clip = pytest.importorskip("open_clip")
+pytest.importorskip("open_clip")
 pytest.importorskip("torchmetrics")
 
 from agsearch.text_metrics import ClipScorer, mse_psnr  # noqa: E402
 
-TINY = {"embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory):
-    """A tiny CLIP registered as a model config, its random weights saved as safetensors and loaded
-    back through ClipScorer.load (the path a user's real weights take)."""
-    from safetensors.torch import save_file
+    """A tiny CLIP with random weights saved as safetensors, loaded back through ClipScorer.load
+    (the path a user's real weights take)."""
+    from agsearch.tiny_pipelines import TINY_CLIP_NAME, tiny_clip_weights
 
-    root = tmp_path_factory.mktemp("clip")
-    (root / "agsearch-tiny-clip.json").write_text(json.dumps(TINY))
-    open_clip.add_model_config(root / "agsearch-tiny-clip.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("agsearch-tiny-clip")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "tiny.safetensors")
-    return ClipScorer.load("agsearch-tiny-clip", root / "tiny.safetensors")
+    return ClipScorer.load(TINY_CLIP_NAME, tiny_clip_weights(tmp_path_factory.mktemp("clip")))
 
 
 def test_clip_score(scorer):

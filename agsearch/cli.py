@@ -173,6 +173,69 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from agsearch.generate import Prompt, generate, load_pipeline, output_paths, pipeline_class, read_prompts, write_images
+    from agsearch.policy import Policy
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise BadInput("give exactly one of --prompt and --prompt-file")
+    if args.out.suffix.lower() != ".png":
+        raise BadInput(f"--out must be a .png file, got {args.out}")
+    _check_out(args.out)
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise BadInput("--prompt is empty")
+        prompts = [Prompt(args.prompt, args.negative_prompt)]
+    else:
+        prompts = read_prompts(args.prompt_file)
+        if args.negative_prompt is not None:
+            prompts = [Prompt(p.prompt, p.negative_prompt or args.negative_prompt) for p in prompts]
+    for path in output_paths(args.out, len(prompts)) + ([args.json] if args.json else []):
+        _check_out(path)
+    policy = Policy.load(args.policy)
+    if args.scale is not None:  # the scale of full CFG and of cfg steps without their own
+        policy = Policy.from_dict({**policy.to_dict(), "guidance_scale": args.scale}, str(args.policy))
+    policy.for_steps(args.steps or policy.num_inference_steps, args.resample)  # before loading the model
+    if args.clip_weights is not None and not args.clip_weights.is_file():
+        raise BadInput(f"--clip-weights {args.clip_weights} does not exist")
+    pipeline_class(args.pipeline)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):  # no progress bars or advice
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
+    result = generate(pipe, policy, prompts, seed=args.seed, steps=args.steps, resample=args.resample,
+                      reference=not args.no_reference, height=args.height, width=args.width)
+    r = result["report"]
+    if args.clip_weights is not None:
+        from agsearch.text_metrics import ClipScorer
+
+        scorer = ClipScorer.load(args.clip_model, args.clip_weights, device=args.device)
+        texts = [p.prompt for p in prompts]
+        r["clip_score"] = scorer.score(result["images"], texts).tolist()
+        if result["full_cfg_images"] is not None:
+            r["full_cfg_clip_score"] = scorer.score(result["full_cfg_images"], texts).tolist()
+    paths = write_images(result["images"], args.out)
+    nfe = sum(r["nfe_per_image"]) / len(r["nfe_per_image"])
+    line = (f"{r['policy']}: NFE {nfe:g} per image of {r['full_cfg_nfe']} for full CFG "
+            f"({nfe / r['full_cfg_nfe']:.0%}), {r['seconds']:.2f}s")
+    if "speedup" in r:
+        mean_psnr = sum(r["psnr_vs_full_cfg"]) / len(r["psnr_vs_full_cfg"])
+        line += (f"; full CFG {r['full_cfg_seconds']:.2f}s, speedup {r['speedup']:.2f}x; "
+                 f"vs full CFG: MSE {sum(r['mse_vs_full_cfg']) / len(prompts):.3g}, PSNR {mean_psnr:.1f} dB")
+    if "clip_score" in r:
+        line += f"; CLIP score {sum(r['clip_score']) / len(prompts):.2f}"
+        if "full_cfg_clip_score" in r:
+            line += f" (full CFG {sum(r['full_cfg_clip_score']) / len(prompts):.2f})"
+    print(line)
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="agsearch", description="Search, export, apply and evaluate cheap CFG policies.")
@@ -248,6 +311,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ag", action="store_true", help="skip matching the AG rule to each budget")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("generate", help="sample a local diffusers pipeline under a policy; NFE/time vs full CFG",
+                       description="Load a StableDiffusion/XL/3 pipeline folder (save_pretrained layout, "
+                                   "nothing downloaded), sample under the policy with apply_policy, then "
+                                   "under full CFG from the same noise, and report NFE, time and PSNR.")
+    p.add_argument("--pipeline", type=Path, required=True, help="diffusers pipeline folder")
+    p.add_argument("--policy", type=Path, required=True, help="policy JSON")
+    p.add_argument("--prompt", help="the prompt")
+    p.add_argument("--prompt-file", type=Path, help="prompts: one per line, or JSONL with prompt/negative_prompt")
+    p.add_argument("--negative-prompt", help="negative prompt (used on CFG steps only)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the policy's)")
+    p.add_argument("--scale", type=_finite_float, help="guidance scale (default: the policy's)")
+    p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
+    p.add_argument("--height", type=_positive_int, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=_positive_int, help="image width (default: the pipeline's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--no-reference", action="store_true", help="skip the full-CFG reference call")
+    p.add_argument("--clip-weights", type=Path, help="open-clip weights file: also report CLIP scores")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open-clip model name of --clip-weights")
+    p.add_argument("--json", type=Path, help="write the NFE/time report as JSON here")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write (<stem>-<i>.png for several prompts)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("show", help="validate policy files and print a one-line summary of each")
     p.add_argument("policy", nargs="+", type=Path)

@@ -143,6 +143,9 @@ class SampleOutput:
 
 def predict_x0(scheduler, x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
     """The denoised estimate x̂_0 implied by a model output at step ``i`` (timestep ``t``)."""
+    if "FlowMatch" in type(scheduler).__name__:
+        # Rectified flow (SD3): x = (1 − σ) x_0 + σ ε and the model predicts v = ε − x_0.
+        return x - scheduler.sigmas[i].to(x) * model_output
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
         # Karras-style σ parameterisation (Euler): x = x_0 + σ ε, the model sees x / sqrt(σ² + 1).
@@ -197,7 +200,7 @@ def sample(
         raise ValueError(f"scheduler made {len(scheduler.timesteps)} timesteps for {num_steps} steps")
 
     batch = noise.shape[0]
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none (1)
     nfe = torch.zeros(batch, device=noise.device)
     nan = torch.full((num_steps, batch), float("nan"), device=noise.device)
     cos_x0, cos_eps = nan.clone(), nan.clone()
@@ -208,7 +211,8 @@ def sample(
         run_cond = (active & needs[:, 0]).any(dim=1)
         run_uncond = (active & needs[:, 1]).any(dim=1)
 
-        x_in = scheduler.scale_model_input(x, t)
+        # Flow-matching schedulers feed the model x itself and have no scale_model_input.
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         out_c, out_u = denoiser(x_in, t, cond, run_cond, run_uncond)
         nfe += run_cond.float() + run_uncond.float()
 

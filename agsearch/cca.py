@@ -13,7 +13,7 @@ equals its own (a collision) counts as positive: its term is −log σ(+β·r(x,
 instead of λ. A ``null_ratio`` share of the images get c = c⁻ = ∅ (the null class) and count as
 positives too, which keeps the unconditional model alive so CFG still works on top. Both terms
 are batch means and the sum is divided by max(λ, 1). Paper values: β = 0.02, λ ∈ [50, 1000],
-null ratio 0.1, lr 1e-5, one epoch (our tiny model: lr 1e-4, a few hundred steps).
+null ratio 0.1, lr 1e-5, one epoch (our tiny model: lr 3e-4, 80 steps of batch 64, λ = 1).
 
 ``agsearch cca`` (``agsearch/cca_cli.py``) runs ``CCAModule`` with ``DigitsTokens`` under a
 LightningCLI; ``ARDigitsEvaluator`` scores samples with the core's classifier (accuracy and
@@ -86,8 +86,8 @@ class CCAModule(pl.LightningModule):
     are left out of checkpoints; only ``model.*`` is trained and saved.
     """
 
-    def __init__(self, reference: str | None = None, beta: float = 0.02, lam: float = 100.0,
-                 null_ratio: float = 0.1, lr: float = 1e-4, weight_decay: float = 0.0):
+    def __init__(self, reference: str | None = None, beta: float = 0.02, lam: float = 1.0,
+                 null_ratio: float = 0.1, lr: float = 3e-4, weight_decay: float = 0.0):
         super().__init__()
         check_hparams(beta, lam, null_ratio)
         if not (math.isfinite(lr) and lr > 0):
@@ -159,8 +159,8 @@ class DigitsTokens(pl.LightningDataModule):
                                            generator=torch.Generator().manual_seed(self.hparams.seed))
 
 
-def finetune(reference: str | None = None, beta: float = 0.02, lam: float = 100.0, null_ratio: float = 0.1,
-             lr: float = 1e-4, steps: int = 300, batch_size: int = 64, seed: int = 0, logger=False,
+def finetune(reference: str | None = None, beta: float = 0.02, lam: float = 1.0, null_ratio: float = 0.1,
+             lr: float = 3e-4, steps: int = 80, batch_size: int = 64, seed: int = 0, logger=False,
              progress: bool = False) -> tuple[DigitsAR, float]:
     """One CCA fine-tune with a plain Trainer (the λ sweep's): (the tuned model in eval mode, seconds)."""
     pl.seed_everything(seed, verbose=False)

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 
 DEFAULT_ROOT = "runs/cca"
 TRAINER_DEFAULTS = {
-    "max_steps": 300,  # ~13 epochs of the 1,437 training digits at batch 64
+    "max_steps": 80,  # ~3.6 epochs of the 1,437 training digits at batch 64
     "max_epochs": -1,
     "accelerator": "auto",
     "devices": 1,

@@ -153,8 +153,12 @@ def run_cca(argv: list[str]) -> tuple[Path, list[dict], float]:
     from agsearch.models.digits_ar import save_model
     from agsearch.policy import atomic_write_text
 
+    import warnings
+
     cli = build_cli(argv)
     trainer, module, config = cli.trainer, cli.model, cli.config
+    # The frozen reference is in eval mode on purpose (no dropout): not worth a warning.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     print(f"agsearch cca: output directory {cli.run_dir}", file=sys.stderr)
     start = time.perf_counter()
     trainer.fit(module, datamodule=cli.datamodule)

@@ -59,7 +59,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0, 5.0])
-    parser.add_argument("--lams", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0])
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.3, 1.0, 10.0, 100.0])
     parser.add_argument("--cfg-lam", type=float, default=1.0, help="the λ (the default run's) also sampled with CFG")
     parser.add_argument("--cfg-scales", type=float, nargs="+", default=[2.0, 3.0], help="CFG scales on that CCA model")
     parser.add_argument("--steps", type=int, default=80,

@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     sub.add_parser("search", add_help=False, help="search a guidance policy (LightningCLI; see 'agsearch search --help')")
+    sub.add_parser("cca", add_help=False, help="CCA fine-tune of the AR digits model (LightningCLI; see 'agsearch cca --help')")
 
     p = sub.add_parser("export", help="export a search checkpoint as a policy JSON at a budget",
                        description="Discretise the gates of a search checkpoint into a policy file.")
@@ -348,6 +349,10 @@ def main(argv=None) -> int:
         from agsearch.search.cli import search_main
 
         return search_main(argv[1:])
+    if argv[:1] == ["cca"]:  # LightningCLI too
+        from agsearch.cca_cli import cca_main
+
+        return cca_main(argv[1:])
     overrides: list[str] = []
     if argv[:1] == ["sweep"] and "--" in argv:  # the rest goes to every search
         cut = argv.index("--")

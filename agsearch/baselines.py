@@ -9,6 +9,8 @@
     alternating  CFG on even steps, ``cond`` on odd ones
     ag           the Adaptive Guidance rule (Castillo et al., arXiv 2312.12487): per sample, CFG
                  until cos(pred_c, pred_u) reaches a threshold, then ``cond``
+    linear-ag    LinearAG (same paper): CFG and ``affine`` (ε_u from fitted affine coefficients,
+                 ``agsearch.affine``) alternating over the first half, ``cond`` over the second
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 
 from agsearch.policy import Policy
 
-BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag")
+BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag", "linear-ag")
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -41,8 +43,9 @@ def interval_ops(steps: int, start: float, stop: float) -> list[str]:
 
 def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None = None,
                   start: float | None = None, stop: float | None = None,
-                  threshold: float | None = None, space: str = "x0") -> Policy:
-    """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``."""
+                  threshold: float | None = None, space: str = "x0", affine: dict | None = None) -> Policy:
+    """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``;
+    ``linear-ag`` needs ``affine``, a coefficients file's contents (``agsearch.affine``)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Expected steps to be a positive integer, but got {steps}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
@@ -74,6 +77,15 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
             raise ValueError(f"Expected threshold to be between -1.0 and 1.0, but got {threshold}")
         return Policy.adaptive(steps, scale, threshold, space, name=f"ag-{space}-{threshold:g}",
                                provenance={"baseline": "ag", "options": {"threshold": threshold, "space": space}})
+    elif name == "linear-ag":
+        from agsearch.affine import check_matches, linear_ag_ops, validate_file
+
+        if affine is None:
+            raise ValueError("linear-ag needs affine coefficients (--affine FILE, written by agsearch fit-affine)")
+        validate_file(affine)
+        check_matches(affine, steps, scale)
+        ops, label = linear_ag_ops(affine), "linear-ag"
+        options = {"affine": {k: affine[k] for k in ("model", "per_channel", "ridge", "pairs") if k in affine}}
     else:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
     return Policy.static(ops, scale, name=label, provenance={"baseline": name, "options": options})

@@ -336,20 +336,26 @@ def affine_step(coef: dict, fallback: str | None = "cond") -> dict:
     return step
 
 
-def linear_ag_ops(document: dict) -> list[dict]:
-    """The paper's LinearAG schedule: true CFG and affine CFG alternating over the first half
-    (CFG on even steps, affine on odd ones), ``cond`` over the second."""
+def _phase_steps(T: int, fraction: float) -> int:
+    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+        raise AffineError(f"Expected fraction to be between 0.0 and 1.0, but got {fraction}")
+    return int(fraction * T + 0.5)  # half up: the paper's "first half" of 25 steps is 13
+
+
+def linear_ag_ops(document: dict, fraction: float = 0.5) -> list[dict]:
+    """The paper's LinearAG schedule: true CFG and affine CFG alternating over the first
+    round(F·T) steps (CFG on even steps, affine on odd ones), ``cond`` after them."""
     T = document["num_inference_steps"]
-    half = math.ceil(T / 2)
-    steps = []
-    for i in range(T):
-        if i >= half:
-            steps.append({"op": "cond"})
-        elif i % 2 == 0:
-            steps.append({"op": "cfg"})
-        else:
-            steps.append(affine_step(document["coefficients"][i]))
-    return steps
+    k = _phase_steps(T, fraction)
+    return [{"op": "cond"} if i >= k else {"op": "cfg"} if i % 2 == 0 else affine_step(document["coefficients"][i])
+            for i in range(T)]
+
+
+def affine_cutoff_ops(document: dict, fraction: float) -> list[dict]:
+    """True CFG for the first round(F·T) steps, affine CFG for the rest: T + round(F·T) NFE."""
+    T = document["num_inference_steps"]
+    k = _phase_steps(T, fraction)
+    return [{"op": "cfg"} if i < k else affine_step(document["coefficients"][i]) for i in range(T)]
 
 
 def _short(value: Any, limit: int = 60) -> str:

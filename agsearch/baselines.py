@@ -10,7 +10,9 @@
     ag           the Adaptive Guidance rule (Castillo et al., arXiv 2312.12487): per sample, CFG
                  until cos(pred_c, pred_u) reaches a threshold, then ``cond``
     linear-ag    LinearAG (same paper): CFG and ``affine`` (ε_u from fitted affine coefficients,
-                 ``agsearch.affine``) alternating over the first half, ``cond`` over the second
+                 ``agsearch.affine``) alternating over the first half (or the first round(F·T)
+                 steps), ``cond`` over the rest
+    affine-cutoff  CFG for the first round(F·T) steps, then ``affine`` to the end
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 
 from agsearch.policy import Policy
 
-BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag", "linear-ag")
+BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag", "linear-ag", "affine-cutoff")
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -77,15 +79,24 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
             raise ValueError(f"Expected threshold to be between -1.0 and 1.0, but got {threshold}")
         return Policy.adaptive(steps, scale, threshold, space, name=f"ag-{space}-{threshold:g}",
                                provenance={"baseline": "ag", "options": {"threshold": threshold, "space": space}})
-    elif name == "linear-ag":
-        from agsearch.affine import check_matches, linear_ag_ops, validate_file
+    elif name in ("linear-ag", "affine-cutoff"):
+        from agsearch.affine import affine_cutoff_ops, check_matches, linear_ag_ops, validate_file
 
         if affine is None:
-            raise ValueError("linear-ag needs affine coefficients (--affine FILE, written by agsearch fit-affine)")
+            raise ValueError(f"{name} needs affine coefficients (--affine FILE, written by agsearch fit-affine)")
         validate_file(affine)
         check_matches(affine, steps, scale)
-        ops, label = linear_ag_ops(affine), "linear-ag"
-        options = {"affine": {k: affine[k] for k in ("model", "per_channel", "ridge", "pairs") if k in affine}}
+        if name == "linear-ag":
+            fraction = 0.5 if fraction is None else fraction
+            ops = linear_ag_ops(affine, fraction)
+            label = "linear-ag" if fraction == 0.5 else f"linear-ag-{fraction:g}"
+        else:
+            if fraction is None:
+                raise ValueError("affine-cutoff needs --fraction F (CFG for the first round(F*T) steps, then affine)")
+            ops = affine_cutoff_ops(affine, fraction)
+            label = f"affine-cutoff-{sum(op['op'] == 'cfg' for op in ops)}/{steps}"
+        options = {"fraction": fraction,
+                   "affine": {k: affine[k] for k in ("model", "per_channel", "ridge", "pairs") if k in affine}}
     else:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
     return Policy.static(ops, scale, name=label, provenance={"baseline": name, "options": options})

@@ -26,6 +26,8 @@ CUTOFF_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24)
 INTERVAL_WINDOWS = ((1, 8), (2, 8), (1, 12), (2, 12), (4, 12), (1, 16), (2, 16), (4, 16), (2, 20), (4, 20), (6, 20), (4, 24))
 AG_X0 = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 AG_EPS = (0.999, 0.9995, 0.9999)
+AFFINE_CUTOFF_STEPS = (0, 1, 2, 3, 5, 8, 12)  # CFG steps before affine CFG takes over (LinearAG)
+LINEAR_AG_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # CFG/affine alternate over this share of the steps
 
 
 def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: bool = False):
@@ -42,7 +44,25 @@ def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: b
     suite += [("ag-x0", make_baseline("ag", steps, scale, threshold=g)) for g in thresholds]
     if not quick:
         suite += [("ag-eps", make_baseline("ag", steps, scale, threshold=g, space="eps")) for g in AG_EPS]
+    affine = _builtin_affine(steps, scale)
+    if affine is not None:  # LinearAG with the shipped coefficients (agsearch fit-affine)
+        for f in ((0.5,) if quick else LINEAR_AG_FRACTIONS):
+            suite.append(("linear-ag", make_baseline("linear-ag", steps, scale, fraction=f, affine=affine)))
+        for k in ((1,) if quick else AFFINE_CUTOFF_STEPS):
+            suite.append(("affine-cutoff", make_baseline("affine-cutoff", steps, scale, fraction=k / steps, affine=affine)))
     return suite
+
+
+def _builtin_affine(steps: int, scale: float) -> dict | None:
+    """The shipped LinearAG coefficients if they were fitted for these settings, else None."""
+    from agsearch.affine import AffineError, check_matches, load_builtin
+
+    try:
+        document = load_builtin()
+        check_matches(document, steps, scale)
+    except AffineError:
+        return None
+    return document
 
 
 def plot_fronts(records: list[dict], path: Path, title: str) -> None:
@@ -53,7 +73,7 @@ def plot_fronts(records: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"cutoff": "o-", "interval": "s", "ag-x0": "^-", "ag-eps": "v-", "alternating": "D",
-              "cfg": "*", "cond": "X"}
+              "cfg": "*", "cond": "X", "linear-ag": "P-", "affine-cutoff": "h-", "policy file": "d"}
     for family, style in styles.items():
         rows = sorted((r for r in records if r["family"] == family), key=lambda r: r["nfe"])
         if not rows:
@@ -128,7 +148,10 @@ def _key_rows(records: list[dict], ag_default: float | None) -> list[str]:
 
 
 def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 1000,
-                  device: str = "cpu", progress: bool = True, quick: bool = False) -> list[dict]:
+                  device: str = "cpu", progress: bool = True, quick: bool = False,
+                  policies: list[Path] = ()) -> list[dict]:
+    """Every baseline (and each policy file in ``policies``, e.g. searched ones, as family
+    ``policy file``) on the evaluation noise; writes the table, JSON and figures."""
     from tqdm.auto import tqdm
 
     from agsearch.models.digits import benchmark_settings
@@ -139,6 +162,10 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=settings["scheduler"],
                                 batch_size=batch_size, device=device, progress=progress)
     suite = benchmark_suite(steps, scale, ag_default, quick=quick)
+    if policies:
+        from agsearch.policy import Policy
+
+        suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
     records = []
     for family, policy in tqdm(suite, desc="benchmark", unit="policy", disable=not progress):
         record = evaluator.evaluate(policy).as_dict()
@@ -174,7 +201,8 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         "![accuracy and MSE against NFE](fronts.png)",
         "",
     ]
-    order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps"]
+    order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff",
+             "policy file"]
     for family in order:
         rows = sorted((r for r in records if r["family"] == family), key=lambda r: -r["nfe"])
         if rows:

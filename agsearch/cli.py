@@ -81,7 +81,7 @@ def cmd_baseline(args) -> int:
         threshold = settings.get("ag_threshold")
     _check_out(args.out)
     affine = None
-    if args.name == "linear-ag":
+    if args.name in ("linear-ag", "affine-cutoff"):
         from agsearch.affine import load_builtin, load_coefficients
 
         affine = load_coefficients(args.affine) if args.affine is not None else load_builtin()
@@ -167,7 +167,7 @@ def cmd_bench(args) -> int:
     _check_model(args.model)
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                  quick=args.quick)
+                  quick=args.quick, policies=args.policy)
     return 0
 
 
@@ -217,17 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="write a named training-free baseline policy",
                        description="Write a training-free baseline policy file. --steps and --scale "
                                    "default to the built-in model's benchmark settings.")
-    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag | linear-ag")
+    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag | linear-ag | affine-cutoff")
     p.add_argument("--steps", type=_positive_int, help="sampling steps T")
     p.add_argument("--scale", type=_nonneg_float, help="guidance scale w")
-    p.add_argument("--fraction", type=_finite_float, help="cutoff: CFG for the first round(F*T) steps")
+    p.add_argument("--fraction", type=_finite_float, help="cutoff, affine-cutoff: CFG for the first round(F*T) steps; "
+                   "linear-ag: CFG/affine alternate over the first round(F*T) steps (default 0.5)")
     p.add_argument("--start", type=_finite_float, help="interval: CFG where i/T is in [start, stop)")
     p.add_argument("--stop", type=_finite_float, help="interval: end of the window (exclusive)")
     p.add_argument("--threshold", type=_finite_float,
                    help="ag: cosine threshold (default: the built-in model's calibrated one)")
     p.add_argument("--space", choices=("x0", "eps"), default="x0", help="ag: where the cosine is taken")
     p.add_argument("--affine", type=Path, metavar="COEFFS",
-                   help="linear-ag: coefficients JSON from fit-affine (default: the built-in model's shipped fit)")
+                   help="linear-ag, affine-cutoff: coefficients JSON from fit-affine (default: the built-in model's shipped fit)")
     p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
     p.set_defaults(func=cmd_baseline)
 
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="a few policies only (smoke test)")
+    p.add_argument("--policy", action="append", type=Path, default=[],
+                   help="also evaluate this policy file (repeatable; e.g. searched policies)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 

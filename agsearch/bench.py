@@ -26,8 +26,8 @@ CUTOFF_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24)
 INTERVAL_WINDOWS = ((1, 8), (2, 8), (1, 12), (2, 12), (4, 12), (1, 16), (2, 16), (4, 16), (2, 20), (4, 20), (6, 20), (4, 24))
 AG_X0 = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 AG_EPS = (0.999, 0.9995, 0.9999)
-AFFINE_CUTOFF_STEPS = (0, 1, 2, 3, 5, 8, 12)  # CFG steps before affine CFG takes over (LinearAG)
-LINEAR_AG_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # CFG/affine alternate over this share of the steps
+AFFINE_CUTOFF_STEPS = (0, 1, 3, 5)  # CFG steps before affine CFG takes over (LinearAG)
+LINEAR_AG_FRACTIONS = (0.5,)  # CFG/affine alternate over this share of the steps
 
 
 def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: bool = False):
@@ -147,11 +147,28 @@ def _key_rows(records: list[dict], ag_default: float | None) -> list[str]:
     return lines
 
 
+def _previous(path: Path, settings: dict, samples: int, seed: int) -> dict:
+    """The benchmark to merge into: it must exist and match this run's protocol."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--merge needs a readable {path}: {getattr(e, 'strerror', None) or e}") from None
+    theirs = (previous.get("settings"), previous.get("samples"), previous.get("seed"))
+    if theirs != (settings, samples, seed):
+        raise ValueError(f"--merge: {path} was made with settings/samples/seed {theirs}, not {(settings, samples, seed)}")
+    return previous
+
+
 def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 1000,
                   device: str = "cpu", progress: bool = True, quick: bool = False,
-                  policies: list[Path] = ()) -> list[dict]:
+                  policies: list[Path] = (), families: list[str] | None = None, merge: bool = False) -> list[dict]:
     """Every baseline (and each policy file in ``policies``, e.g. searched ones, as family
-    ``policy file``) on the evaluation noise; writes the table, JSON and figures."""
+    ``policy file``) on the evaluation noise; writes the table, JSON and figures.
+
+    ``families`` keeps only those families of the suite (``policy file`` always runs). With
+    ``merge`` the new records replace those of the same families (and policy names) in the
+    existing ``benchmark.json`` of ``out_dir``, which must have the same settings, samples and
+    seed; the table and figures are redrawn from the merged records, and both commands are kept."""
     from tqdm.auto import tqdm
 
     from agsearch.models.digits import benchmark_settings
@@ -162,6 +179,14 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=settings["scheduler"],
                                 batch_size=batch_size, device=device, progress=progress)
     suite = benchmark_suite(steps, scale, ag_default, quick=quick)
+    known = sorted({f for f, _ in suite} | {"policy file"})
+    if families:
+        unknown = [f for f in families if f not in known]
+        if unknown:
+            raise ValueError(f"unknown benchmark family {unknown[0]!r}; expected one of {', '.join(known)}")
+        suite = [(f, p) for f, p in suite if f in families]
+    out_dir = Path(out_dir)
+    previous = _previous(out_dir / "benchmark.json", settings, samples, seed) if merge else None
     if policies:
         from agsearch.policy import Policy
 
@@ -177,9 +202,16 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
+    commands = [command]
+    if previous is not None:
+        replaced = {r["family"] for r in records if r["family"] != "policy file"}
+        names = {r["name"] for r in records if r["family"] == "policy file"}
+        kept = [r for r in previous["records"] if r["family"] not in replaced
+                and not (r["family"] == "policy file" and r["name"] in names)]
+        records = kept + records
+        commands = previous.get("commands", [previous["command"]]) + [command]
     title = (f"built-in digits model, {settings['scheduler'].upper()} {steps} steps, w = {scale:g}, "
              f"{samples} samples, seed {seed}")
-    out_dir = Path(out_dir)
     plot_fronts(records, out_dir / "fronts.png", title)
     plot_cosine(full.cosine_x0, full.cosine_eps, out_dir / "cosine.png", title)
     mean_x0 = full.cosine_x0.nanmean(dim=1)
@@ -189,7 +221,7 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     md = [
         "# Baseline benchmark on the built-in digits model",
         "",
-        f"Produced by `{command}` ({title}). Every policy sees the same noise; MSE and PSNR are against",
+        f"Produced by {', then '.join(f'`{c}`' for c in commands)} ({title}). Every policy sees the same noise; MSE and PSNR are against",
         "full CFG from that noise; FD is the Fréchet distance of classifier features against the 1,797 real digits.",
         "",
         *_key_rows(records, ag_default),
@@ -209,7 +241,7 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
             md += [f"## {family}", "", format_table(rows), ""]
     atomic_write_text(out_dir / "benchmark.md", "\n".join(md))
     atomic_write_text(out_dir / "benchmark.json", json.dumps(
-        {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records},
+        {"command": commands[0], "commands": commands, "settings": settings, "samples": samples, "seed": seed, "records": records},
         indent=2) + "\n")
     print(format_table(records, markdown=False))
     print(f"wrote {out_dir / 'benchmark.md'}, benchmark.json, fronts.png, cosine.png")

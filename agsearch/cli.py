@@ -167,7 +167,7 @@ def cmd_bench(args) -> int:
     _check_model(args.model)
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                  quick=args.quick, policies=args.policy)
+                  quick=args.quick, policies=args.policy, families=args.families, merge=args.merge)
     return 0
 
 
@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few policies only (smoke test)")
     p.add_argument("--policy", action="append", type=Path, default=[],
                    help="also evaluate this policy file (repeatable; e.g. searched policies)")
+    p.add_argument("--families", nargs="+", metavar="FAMILY",
+                   help="evaluate only these families (e.g. linear-ag affine-cutoff); policy files always run")
+    p.add_argument("--merge", action="store_true",
+                   help="replace those families' rows in the existing OUT_DIR/benchmark.json instead of a new table")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 

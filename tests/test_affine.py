@@ -274,3 +274,23 @@ def test_affine_search_space_fixed_and_trained(tmp_path, capsys):
     bad.write_text("ops: [{op: cfg}, {op: affine, train: maybe}]\n")
     code, _, err = run_cli(capsys, "search", f"--model.space={bad}", "--progress=false")
     assert code == 2 and "'train' must be true or false" in err
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+def test_bench_merges_affine_rows_into_an_existing_table(tmp_path, capsys):
+    from agsearch.bench import run_benchmark
+
+    first = run_benchmark(tmp_path, samples=10, progress=False, quick=True)
+    assert {"linear-ag", "affine-cutoff"} <= {r["family"] for r in first}
+    Policy.static(["cfg"] * 5 + ["cond"] * 20, 1.1, name="my-policy").save(tmp_path / "p.json")
+    code, _, err = run_cli(capsys, "bench", "--out-dir", tmp_path, "--samples", 10, "--quick", "--no-progress",
+                           "--families", "affine-cutoff", "--policy", tmp_path / "p.json", "--merge")
+    assert code == 0, err
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    families = [r["family"] for r in data["records"]]
+    assert len(data["records"]) == len(first) + 1 and families.count("affine-cutoff") == 1
+    assert len(data["commands"]) == 2 and "## policy file" in (tmp_path / "benchmark.md").read_text()
+    code, _, err = run_cli(capsys, "bench", "--out-dir", tmp_path, "--samples", 20, "--quick", "--families", "cutoff", "--merge")
+    assert code == 2 and "--merge" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "bench", "--out-dir", tmp_path, "--samples", 10, "--quick", "--families", "nope")
+    assert code == 2 and "unknown benchmark family 'nope'" in err

@@ -66,7 +66,7 @@ class SharedScaleAdam(torch.optim.Optimizer):
                 if not state:
                     state["step"] = 0
                     state["m"] = torch.zeros_like(p)
-                        # shared=False: plain Adam (one scale per entry), e.g. affine coefficients
+                    # shared=False: plain Adam (one scale per entry), e.g. affine coefficients
                     # whose regressors differ in scale.
                     state["v"] = torch.zeros((), dtype=p.dtype, device=p.device) if group.get("shared", True) else torch.zeros_like(p)
                 state["step"] += 1
@@ -229,7 +229,7 @@ class PolicySearchModule(pl.LightningModule):
         self.hparams.update(scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
                             space_spec=self.space.to_dict())
 
-        # α (T, K): the only trainable parameters.
+        # α (T, K): the trainable parameters (with the affine coefficients where the space trains them).
         self.gate_logits = torch.nn.Parameter(_initial_logits(self.candidates, self.costs, T, budget, init))
         # LinearAG coefficients (T, R) or (T, R, C): trained with the gates, or fixed (still saved).
         entry = self.space.affine_entry()

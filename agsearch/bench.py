@@ -159,16 +159,44 @@ def _previous(path: Path, settings: dict, samples: int, seed: int) -> dict:
     return previous
 
 
+def _eval_records(path: Path, settings: dict, samples: int, seed: int) -> list[dict]:
+    """Records of ``agsearch eval --json``, checked against the benchmark protocol; each gets the
+    family of its policy's baseline (``linear-ag``, ``affine-cutoff``, ...) or ``policy file``."""
+    from agsearch.policy import Policy
+
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--records: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"--records: {path} is not a list of agsearch eval records")
+    out = []
+    for j, r in enumerate(records):
+        # Records from before eval wrote its seed and scheduler used eval's defaults (1, ddim).
+        theirs = (r.get("samples"), r.get("seed", 1), r.get("scheduler", "ddim"))
+        if theirs != (samples, seed, settings["scheduler"]):
+            raise ValueError(f"--records: {path} record {j} ({r.get('name')}) has samples/seed/scheduler {theirs}, "
+                             f"not {(samples, seed, settings['scheduler'])}")
+        family = "policy file"
+        if r.get("policy_file"):
+            family = Policy.load(r["policy_file"]).provenance.get("baseline") or family
+        out.append({**r, "family": family})
+    return out
+
+
 def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 1000,
                   device: str = "cpu", progress: bool = True, quick: bool = False,
-                  policies: list[Path] = (), families: list[str] | None = None, merge: bool = False) -> list[dict]:
+                  policies: list[Path] = (), families: list[str] | None = None, merge: bool = False,
+                  records_files: list[Path] = ()) -> list[dict]:
     """Every baseline (and each policy file in ``policies``, e.g. searched ones, as family
     ``policy file``) on the evaluation noise; writes the table, JSON and figures.
 
     ``families`` keeps only those families of the suite (``policy file`` always runs). With
     ``merge`` the new records replace those of the same families (and policy names) in the
     existing ``benchmark.json`` of ``out_dir``, which must have the same settings, samples and
-    seed; the table and figures are redrawn from the merged records, and both commands are kept."""
+    seed; the table and figures are redrawn from the merged records, and both commands are kept.
+    ``records_files`` (with ``merge``) adds the records of ``agsearch eval --json`` runs made with
+    the same samples, seed and scheduler, so policies evaluated there are not sampled again."""
     from tqdm.auto import tqdm
 
     from agsearch.models.digits import benchmark_settings
@@ -187,6 +215,9 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         suite = [(f, p) for f, p in suite if f in families]
     out_dir = Path(out_dir)
     previous = _previous(out_dir / "benchmark.json", settings, samples, seed) if merge else None
+    if records_files and not merge:
+        raise ValueError("--records adds evaluated policies to an existing table: it needs --merge")
+    imported = [r for path in records_files for r in _eval_records(Path(path), settings, samples, seed)]
     if policies:
         from agsearch.policy import Policy
 
@@ -198,16 +229,16 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         if policy.rule is not None:
             record["threshold"] = policy.rule["threshold"]
         records.append(record)
+    records += imported
     full = evaluator.reference(steps, scale)  # the suite's full-CFG run, cached: its cosines
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
     commands = [command]
     if previous is not None:
-        replaced = {r["family"] for r in records if r["family"] != "policy file"}
-        names = {r["name"] for r in records if r["family"] == "policy file"}
-        kept = [r for r in previous["records"] if r["family"] not in replaced
-                and not (r["family"] == "policy file" and r["name"] in names)]
+        replaced = {r["family"] for r in records[: len(records) - len(imported)] if r["family"] != "policy file"}
+        names = {(r["family"], r["name"]) for r in records}
+        kept = [r for r in previous["records"] if r["family"] not in replaced and (r["family"], r["name"]) not in names]
         records = kept + records
         commands = previous.get("commands", [previous["command"]]) + [command]
     title = (f"built-in digits model, {settings['scheduler'].upper()} {steps} steps, w = {scale:g}, "

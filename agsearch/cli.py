@@ -152,7 +152,7 @@ def cmd_eval(args) -> int:
     records = []
     for path, policy in zip(args.policy, policies):
         record = evaluator.evaluate(policy).as_dict()
-        record["policy_file"] = str(path)
+        record.update(policy_file=str(path), seed=args.seed, scheduler=args.scheduler)
         records.append(record)
     print(format_table(records, markdown=args.markdown))
     if args.json is not None:
@@ -167,7 +167,8 @@ def cmd_bench(args) -> int:
     _check_model(args.model)
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                  quick=args.quick, policies=args.policy, families=args.families, merge=args.merge)
+                  quick=args.quick, policies=args.policy, families=args.families, merge=args.merge,
+                  records_files=args.records)
     return 0
 
 
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only these families (e.g. linear-ag affine-cutoff); policy files always run")
     p.add_argument("--merge", action="store_true",
                    help="replace those families' rows in the existing OUT_DIR/benchmark.json instead of a new table")
+    p.add_argument("--records", action="append", type=Path, default=[],
+                   help="with --merge: add the records of an 'agsearch eval --json' run (same samples, seed, scheduler)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -294,3 +294,21 @@ def test_bench_merges_affine_rows_into_an_existing_table(tmp_path, capsys):
     assert code == 2 and "--merge" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, "bench", "--out-dir", tmp_path, "--samples", 10, "--quick", "--families", "nope")
     assert code == 2 and "unknown benchmark family 'nope'" in err
+
+
+def test_bench_merges_eval_records(tmp_path, capsys):
+    from agsearch.bench import run_benchmark
+
+    run_benchmark(tmp_path, samples=10, progress=False, quick=True, families=["cfg", "cond"])
+    code, _, err = run_cli(capsys, "baseline", "affine-cutoff", "--fraction", 0.2, "--out", tmp_path / "ac.json")
+    code, _, err = run_cli(capsys, "eval", "--policy", tmp_path / "ac.json", "--samples", 10, "--no-progress",
+                           "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "bench", "--out-dir", tmp_path, "--samples", 10, "--quick", "--no-progress",
+                           "--families", "cfg", "--records", tmp_path / "eval.json", "--merge")
+    assert code == 0, err
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["family"] for r in data["records"]] == ["cond", "cfg", "affine-cutoff"]
+    code, _, err = run_cli(capsys, "bench", "--out-dir", tmp_path, "--samples", 20, "--quick", "--families", "cfg",
+                           "--records", tmp_path / "eval.json")
+    assert code == 2 and "needs --merge" in err

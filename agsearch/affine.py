@@ -358,6 +358,12 @@ def affine_cutoff_ops(document: dict, fraction: float) -> list[dict]:
     return [{"op": "cfg"} if i < k else affine_step(document["coefficients"][i]) for i in range(T)]
 
 
+def upgrade_cond_steps(steps: list[dict], document: dict) -> list[dict]:
+    """Another policy's steps with every ``cond`` step replaced by affine CFG (fallback ``cond``):
+    a step that skipped guidance gets the fitted estimate of it at the same cost."""
+    return [affine_step(document["coefficients"][i]) if s["op"] == "cond" else dict(s) for i, s in enumerate(steps)]
+
+
 def _short(value: Any, limit: int = 60) -> str:
     try:
         text = json.dumps(value)

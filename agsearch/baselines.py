@@ -12,6 +12,7 @@
     linear-ag    LinearAG (same paper): CFG and ``affine`` (ε_u from fitted affine coefficients,
                  ``agsearch.affine``) alternating over the first half (or the first round(F·T)
                  steps), ``cond`` over the rest
+                 (or, given a static policy ``base``: that policy with its ``cond`` steps affine)
     affine-cutoff  CFG for the first round(F·T) steps, then ``affine`` to the end
 """
 
@@ -45,7 +46,8 @@ def interval_ops(steps: int, start: float, stop: float) -> list[str]:
 
 def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None = None,
                   start: float | None = None, stop: float | None = None,
-                  threshold: float | None = None, space: str = "x0", affine: dict | None = None) -> Policy:
+                  threshold: float | None = None, space: str = "x0", affine: dict | None = None,
+                  base: Policy | None = None) -> Policy:
     """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``;
     ``linear-ag`` needs ``affine``, a coefficients file's contents (``agsearch.affine``)."""
     if not isinstance(steps, int) or steps < 1:
@@ -86,7 +88,15 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
             raise ValueError(f"{name} needs affine coefficients (--affine FILE, written by agsearch fit-affine)")
         validate_file(affine)
         check_matches(affine, steps, scale)
-        if name == "linear-ag":
+        if name == "linear-ag" and base is not None:
+            from agsearch.affine import upgrade_cond_steps
+
+            if base.kind != "static" or base.num_inference_steps != steps or base.guidance_scale != scale:
+                raise ValueError(f"--from: expected a static policy with {steps} steps at scale {scale:g}, got a "
+                                 f"{base.kind} one with {base.num_inference_steps} steps at {base.guidance_scale:g}")
+            ops, label = upgrade_cond_steps(base.steps, affine), f"linear-ag+{base.label()}"
+            options = {"from": base.label()}
+        elif name == "linear-ag":
             fraction = 0.5 if fraction is None else fraction
             ops = linear_ag_ops(affine, fraction)
             label = "linear-ag" if fraction == 0.5 else f"linear-ag-{fraction:g}"
@@ -95,7 +105,7 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
                 raise ValueError("affine-cutoff needs --fraction F (CFG for the first round(F*T) steps, then affine)")
             ops = affine_cutoff_ops(affine, fraction)
             label = f"affine-cutoff-{sum(op['op'] == 'cfg' for op in ops)}/{steps}"
-        options = {"fraction": fraction,
+        options = {**options, "fraction": fraction,
                    "affine": {k: affine[k] for k in ("model", "per_channel", "ridge", "pairs") if k in affine}}
     else:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")

@@ -85,8 +85,15 @@ def cmd_baseline(args) -> int:
         from agsearch.affine import load_builtin, load_coefficients
 
         affine = load_coefficients(args.affine) if args.affine is not None else load_builtin()
+    base = None
+    if args.base is not None:
+        from agsearch.policy import Policy
+
+        if args.name != "linear-ag":
+            raise BadInput(f"--from is an option of linear-ag, not of {args.name}")
+        base = Policy.load(args.base)
     policy = make_baseline(args.name, steps, scale, fraction=args.fraction, start=args.start,
-                           stop=args.stop, threshold=threshold, space=args.space, affine=affine)
+                           stop=args.stop, threshold=threshold, space=args.space, affine=affine, base=base)
     policy.provenance.setdefault("model", "agsearch-digits")
     policy.save(args.out)
     nfe = policy.nfe if policy.nfe is not None else f"adaptive, at most {policy.max_nfe}"
@@ -230,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", choices=("x0", "eps"), default="x0", help="ag: where the cosine is taken")
     p.add_argument("--affine", type=Path, metavar="COEFFS",
                    help="linear-ag, affine-cutoff: coefficients JSON from fit-affine (default: the built-in model's shipped fit)")
+    p.add_argument("--from", dest="base", type=Path, metavar="POLICY",
+                   help="linear-ag: start from this static policy and make its cond steps affine (same NFE)")
     p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
     p.set_defaults(func=cmd_baseline)
 

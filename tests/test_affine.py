@@ -312,3 +312,14 @@ def test_bench_merges_eval_records(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "--out-dir", tmp_path, "--samples", 20, "--quick", "--families", "cfg",
                            "--records", tmp_path / "eval.json")
     assert code == 2 and "needs --merge" in err
+
+
+def test_linear_ag_from_a_policy_makes_its_cond_steps_affine(tmp_path, capsys):
+    base = Policy.static(["cfg", "cond", {"op": "cfg", "scale": 1.3}] + ["cond"] * 22, 1.1)
+    base.save(tmp_path / "base.json")
+    code, out, err = run_cli(capsys, "baseline", "linear-ag", "--from", tmp_path / "base.json", "--out", tmp_path / "p.json")
+    assert code == 0, err
+    p = Policy.load(tmp_path / "p.json")
+    assert p.ops_string() == "CAC" + "A" * 22 and p.nfe == base.nfe and p.steps[2] == {"op": "cfg", "scale": 1.3}
+    code, _, err = run_cli(capsys, "baseline", "cutoff", "--fraction", 0.2, "--from", tmp_path / "base.json", "--out", tmp_path / "q.json")
+    assert code == 2 and "--from is an option of linear-ag" in err

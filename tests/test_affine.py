@@ -277,6 +277,7 @@ def test_affine_search_space_fixed_and_trained(tmp_path, capsys):
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bench_merges_affine_rows_into_an_existing_table(tmp_path, capsys):
     from agsearch.bench import run_benchmark
 

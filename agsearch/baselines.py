@@ -9,6 +9,11 @@
     alternating  CFG on even steps, ``cond`` on odd ones
     ag           the Adaptive Guidance rule (Castillo et al., arXiv 2312.12487): per sample, CFG
                  until cos(pred_c, pred_u) reaches a threshold, then ``cond``
+    linear-ag    LinearAG (same paper): CFG and ``affine`` (ε_u from fitted affine coefficients,
+                 ``agsearch.affine``) alternating over the first half (or the first round(F·T)
+                 steps), ``cond`` over the rest
+                 (or, given a static policy ``base``: that policy with its ``cond`` steps affine)
+    affine-cutoff  CFG for the first round(F·T) steps, then ``affine`` to the end
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import math
 
 from agsearch.policy import Policy
 
-BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag")
+BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag", "linear-ag", "affine-cutoff")
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -41,8 +46,10 @@ def interval_ops(steps: int, start: float, stop: float) -> list[str]:
 
 def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None = None,
                   start: float | None = None, stop: float | None = None,
-                  threshold: float | None = None, space: str = "x0") -> Policy:
-    """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``."""
+                  threshold: float | None = None, space: str = "x0", affine: dict | None = None,
+                  base: Policy | None = None) -> Policy:
+    """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``;
+    ``linear-ag`` needs ``affine``, a coefficients file's contents (``agsearch.affine``)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Expected steps to be a positive integer, but got {steps}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
@@ -74,6 +81,32 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
             raise ValueError(f"Expected threshold to be between -1.0 and 1.0, but got {threshold}")
         return Policy.adaptive(steps, scale, threshold, space, name=f"ag-{space}-{threshold:g}",
                                provenance={"baseline": "ag", "options": {"threshold": threshold, "space": space}})
+    elif name in ("linear-ag", "affine-cutoff"):
+        from agsearch.affine import affine_cutoff_ops, check_matches, linear_ag_ops, validate_file
+
+        if affine is None:
+            raise ValueError(f"{name} needs affine coefficients (--affine FILE, written by agsearch fit-affine)")
+        validate_file(affine)
+        check_matches(affine, steps, scale)
+        if name == "linear-ag" and base is not None:
+            from agsearch.affine import upgrade_cond_steps
+
+            if base.kind != "static" or base.num_inference_steps != steps or base.guidance_scale != scale:
+                raise ValueError(f"--from: expected a static policy with {steps} steps at scale {scale:g}, got a "
+                                 f"{base.kind} one with {base.num_inference_steps} steps at {base.guidance_scale:g}")
+            ops, label = upgrade_cond_steps(base.steps, affine), f"linear-ag+{base.label()}"
+            options = {"from": base.label()}
+        elif name == "linear-ag":
+            fraction = 0.5 if fraction is None else fraction
+            ops = linear_ag_ops(affine, fraction)
+            label = "linear-ag" if fraction == 0.5 else f"linear-ag-{fraction:g}"
+        else:
+            if fraction is None:
+                raise ValueError("affine-cutoff needs --fraction F (CFG for the first round(F*T) steps, then affine)")
+            ops = affine_cutoff_ops(affine, fraction)
+            label = f"affine-cutoff-{sum(op['op'] == 'cfg' for op in ops)}/{steps}"
+        options = {**options, "fraction": fraction,
+                   "affine": {k: affine[k] for k in ("model", "per_channel", "ridge", "pairs") if k in affine}}
     else:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
     return Policy.static(ops, scale, name=label, provenance={"baseline": name, "options": options})

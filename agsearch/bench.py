@@ -26,6 +26,8 @@ CUTOFF_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24)
 INTERVAL_WINDOWS = ((1, 8), (2, 8), (1, 12), (2, 12), (4, 12), (1, 16), (2, 16), (4, 16), (2, 20), (4, 20), (6, 20), (4, 24))
 AG_X0 = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 AG_EPS = (0.999, 0.9995, 0.9999)
+AFFINE_CUTOFF_STEPS = (0, 1, 3, 5)  # CFG steps before affine CFG takes over (LinearAG)
+LINEAR_AG_FRACTIONS = (0.5,)  # CFG/affine alternate over this share of the steps
 
 
 def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: bool = False):
@@ -42,7 +44,25 @@ def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: b
     suite += [("ag-x0", make_baseline("ag", steps, scale, threshold=g)) for g in thresholds]
     if not quick:
         suite += [("ag-eps", make_baseline("ag", steps, scale, threshold=g, space="eps")) for g in AG_EPS]
+    affine = _builtin_affine(steps, scale)
+    if affine is not None:  # LinearAG with the shipped coefficients (agsearch fit-affine)
+        for f in ((0.5,) if quick else LINEAR_AG_FRACTIONS):
+            suite.append(("linear-ag", make_baseline("linear-ag", steps, scale, fraction=f, affine=affine)))
+        for k in ((1,) if quick else AFFINE_CUTOFF_STEPS):
+            suite.append(("affine-cutoff", make_baseline("affine-cutoff", steps, scale, fraction=k / steps, affine=affine)))
     return suite
+
+
+def _builtin_affine(steps: int, scale: float) -> dict | None:
+    """The shipped LinearAG coefficients if they were fitted for these settings, else None."""
+    from agsearch.affine import AffineError, check_matches, load_builtin
+
+    try:
+        document = load_builtin()
+        check_matches(document, steps, scale)
+    except AffineError:
+        return None
+    return document
 
 
 def plot_fronts(records: list[dict], path: Path, title: str) -> None:
@@ -53,7 +73,7 @@ def plot_fronts(records: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"cutoff": "o-", "interval": "s", "ag-x0": "^-", "ag-eps": "v-", "alternating": "D",
-              "cfg": "*", "cond": "X"}
+              "cfg": "*", "cond": "X", "linear-ag": "P-", "affine-cutoff": "h-", "policy file": "d"}
     for family, style in styles.items():
         rows = sorted((r for r in records if r["family"] == family), key=lambda r: r["nfe"])
         if not rows:
@@ -127,8 +147,56 @@ def _key_rows(records: list[dict], ag_default: float | None) -> list[str]:
     return lines
 
 
+def _previous(path: Path, settings: dict, samples: int, seed: int) -> dict:
+    """The benchmark to merge into: it must exist and match this run's protocol."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--merge needs a readable {path}: {getattr(e, 'strerror', None) or e}") from None
+    theirs = (previous.get("settings"), previous.get("samples"), previous.get("seed"))
+    if theirs != (settings, samples, seed):
+        raise ValueError(f"--merge: {path} was made with settings/samples/seed {theirs}, not {(settings, samples, seed)}")
+    return previous
+
+
+def _eval_records(path: Path, settings: dict, samples: int, seed: int) -> list[dict]:
+    """Records of ``agsearch eval --json``, checked against the benchmark protocol; each gets the
+    family of its policy's baseline (``linear-ag``, ``affine-cutoff``, ...) or ``policy file``."""
+    from agsearch.policy import Policy
+
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--records: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"--records: {path} is not a list of agsearch eval records")
+    out = []
+    for j, r in enumerate(records):
+        # Records from before eval wrote its seed and scheduler used eval's defaults (1, ddim).
+        theirs = (r.get("samples"), r.get("seed", 1), r.get("scheduler", "ddim"))
+        if theirs != (samples, seed, settings["scheduler"]):
+            raise ValueError(f"--records: {path} record {j} ({r.get('name')}) has samples/seed/scheduler {theirs}, "
+                             f"not {(samples, seed, settings['scheduler'])}")
+        family = "policy file"
+        if r.get("policy_file"):
+            family = Policy.load(r["policy_file"]).provenance.get("baseline") or family
+        out.append({**r, "family": family})
+    return out
+
+
 def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 1000,
-                  device: str = "cpu", progress: bool = True, quick: bool = False) -> list[dict]:
+                  device: str = "cpu", progress: bool = True, quick: bool = False,
+                  policies: list[Path] = (), families: list[str] | None = None, merge: bool = False,
+                  records_files: list[Path] = ()) -> list[dict]:
+    """Every baseline (and each policy file in ``policies``, e.g. searched ones, as family
+    ``policy file``) on the evaluation noise; writes the table, JSON and figures.
+
+    ``families`` keeps only those families of the suite (``policy file`` always runs). With
+    ``merge`` the new records replace those of the same families (and policy names) in the
+    existing ``benchmark.json`` of ``out_dir``, which must have the same settings, samples and
+    seed; the table and figures are redrawn from the merged records, and both commands are kept.
+    ``records_files`` (with ``merge``) adds the records of ``agsearch eval --json`` runs made with
+    the same samples, seed and scheduler, so policies evaluated there are not sampled again."""
     from tqdm.auto import tqdm
 
     from agsearch.models.digits import benchmark_settings
@@ -139,6 +207,21 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=settings["scheduler"],
                                 batch_size=batch_size, device=device, progress=progress)
     suite = benchmark_suite(steps, scale, ag_default, quick=quick)
+    known = sorted({f for f, _ in suite} | {"policy file"})
+    if families:
+        unknown = [f for f in families if f not in known]
+        if unknown:
+            raise ValueError(f"unknown benchmark family {unknown[0]!r}; expected one of {', '.join(known)}")
+        suite = [(f, p) for f, p in suite if f in families]
+    out_dir = Path(out_dir)
+    previous = _previous(out_dir / "benchmark.json", settings, samples, seed) if merge else None
+    if records_files and not merge:
+        raise ValueError("--records adds evaluated policies to an existing table: it needs --merge")
+    imported = [r for path in records_files for r in _eval_records(Path(path), settings, samples, seed)]
+    if policies:
+        from agsearch.policy import Policy
+
+        suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
     records = []
     for family, policy in tqdm(suite, desc="benchmark", unit="policy", disable=not progress):
         record = evaluator.evaluate(policy).as_dict()
@@ -146,13 +229,20 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         if policy.rule is not None:
             record["threshold"] = policy.rule["threshold"]
         records.append(record)
+    records += imported
     full = evaluator.reference(steps, scale)  # the suite's full-CFG run, cached: its cosines
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
+    commands = [command]
+    if previous is not None:
+        replaced = {r["family"] for r in records[: len(records) - len(imported)] if r["family"] != "policy file"}
+        names = {(r["family"], r["name"]) for r in records}
+        kept = [r for r in previous["records"] if r["family"] not in replaced and (r["family"], r["name"]) not in names]
+        records = kept + records
+        commands = previous.get("commands", [previous["command"]]) + [command]
     title = (f"built-in digits model, {settings['scheduler'].upper()} {steps} steps, w = {scale:g}, "
              f"{samples} samples, seed {seed}")
-    out_dir = Path(out_dir)
     plot_fronts(records, out_dir / "fronts.png", title)
     plot_cosine(full.cosine_x0, full.cosine_eps, out_dir / "cosine.png", title)
     mean_x0 = full.cosine_x0.nanmean(dim=1)
@@ -162,7 +252,7 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     md = [
         "# Baseline benchmark on the built-in digits model",
         "",
-        f"Produced by `{command}` ({title}). Every policy sees the same noise; MSE and PSNR are against",
+        f"Produced by {', then '.join(f'`{c}`' for c in commands)} ({title}). Every policy sees the same noise; MSE and PSNR are against",
         "full CFG from that noise; FD is the Fréchet distance of classifier features against the 1,797 real digits.",
         "",
         *_key_rows(records, ag_default),
@@ -174,14 +264,15 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         "![accuracy and MSE against NFE](fronts.png)",
         "",
     ]
-    order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps"]
+    order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff",
+             "policy file"]
     for family in order:
         rows = sorted((r for r in records if r["family"] == family), key=lambda r: -r["nfe"])
         if rows:
             md += [f"## {family}", "", format_table(rows), ""]
     atomic_write_text(out_dir / "benchmark.md", "\n".join(md))
     atomic_write_text(out_dir / "benchmark.json", json.dumps(
-        {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records},
+        {"command": commands[0], "commands": commands, "settings": settings, "samples": samples, "seed": seed, "records": records},
         indent=2) + "\n")
     print(format_table(records, markdown=False))
     print(f"wrote {out_dir / 'benchmark.md'}, benchmark.json, fronts.png, cosine.png")

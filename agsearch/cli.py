@@ -80,8 +80,20 @@ def cmd_baseline(args) -> int:
     if args.name == "ag" and threshold is None:
         threshold = settings.get("ag_threshold")
     _check_out(args.out)
+    affine = None
+    if args.name in ("linear-ag", "affine-cutoff"):
+        from agsearch.affine import load_builtin, load_coefficients
+
+        affine = load_coefficients(args.affine) if args.affine is not None else load_builtin()
+    base = None
+    if args.base is not None:
+        from agsearch.policy import Policy
+
+        if args.name != "linear-ag":
+            raise BadInput(f"--from is an option of linear-ag, not of {args.name}")
+        base = Policy.load(args.base)
     policy = make_baseline(args.name, steps, scale, fraction=args.fraction, start=args.start,
-                           stop=args.stop, threshold=threshold, space=args.space)
+                           stop=args.stop, threshold=threshold, space=args.space, affine=affine, base=base)
     policy.provenance.setdefault("model", "agsearch-digits")
     policy.save(args.out)
     nfe = policy.nfe if policy.nfe is not None else f"adaptive, at most {policy.max_nfe}"
@@ -102,6 +114,37 @@ def _load_policies(paths, steps: int, resample: bool):
     return policies
 
 
+def cmd_fit_affine(args) -> int:
+    from agsearch.affine import fit_digits, r2_table
+    from agsearch.baselines import make_baseline
+
+    _check_model(args.model)
+    for path in (args.out, args.policy, args.report):
+        if path is not None:
+            _check_out(path)
+    document = fit_digits(pairs=args.pairs, heldout=args.heldout, ridge=args.ridge, per_channel=args.per_channel,
+                          seed=args.seed, heldout_seed=args.heldout_seed, device=args.device)
+    document["command"] = " ".join(["agsearch", *sys.argv[1:]]) if sys.argv[1:2] == ["fit-affine"] else "fit_digits()"
+    table = r2_table(document)
+    s = document["seconds"]
+    summary = (f"LinearAG fit on {args.pairs} teacher trajectories (seed {args.seed}), held-out R² on {args.heldout} "
+               f"(seed {args.heldout_seed}); teacher sampling {s['teacher']:.2f} s, ridge fit {s['fit']:.3f} s")
+    print(summary)
+    print(table)
+    atomic_write_text(args.out, json.dumps(document, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.policy is not None:
+        policy = make_baseline("linear-ag", document["num_inference_steps"], document["guidance_scale"], affine=document)
+        policy.provenance.setdefault("model", "agsearch-digits")
+        policy.save(args.policy)
+        print(f"wrote {args.policy} ({policy.label()}, NFE {policy.nfe} of {2 * policy.num_inference_steps})")
+    if args.report is not None:
+        atomic_write_text(args.report, f"# LinearAG fit: held-out R² per step\n\nProduced by `{document['command']}`. "
+                          f"{summary}.\n\n{table}\n")
+        print(f"wrote {args.report}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from agsearch.evaluation import DigitsEvaluator, format_table
 
@@ -116,7 +159,7 @@ def cmd_eval(args) -> int:
     records = []
     for path, policy in zip(args.policy, policies):
         record = evaluator.evaluate(policy).as_dict()
-        record["policy_file"] = str(path)
+        record.update(policy_file=str(path), seed=args.seed, scheduler=args.scheduler)
         records.append(record)
     print(format_table(records, markdown=args.markdown))
     if args.json is not None:
@@ -131,7 +174,8 @@ def cmd_bench(args) -> int:
     _check_model(args.model)
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                  quick=args.quick)
+                  quick=args.quick, policies=args.policy, families=args.families, merge=args.merge,
+                  records_files=args.records)
     return 0
 
 
@@ -143,7 +187,7 @@ def cmd_show(args) -> int:
         if policy.kind == "static":
             ops = policy.ops_string()
             print(f"{path}: static, {policy.num_inference_steps} steps, w={policy.guidance_scale:g}, "
-                  f"NFE {policy.nfe} of {2 * policy.num_inference_steps}  [{ops}]  (C=cfg c=cond u=uncond)")
+                  f"NFE {policy.nfe} of {2 * policy.num_inference_steps}  [{ops}]  (C=cfg c=cond u=uncond A=affine)")
         else:
             rule = ", ".join(f"{k}={v}" for k, v in policy.rule.items())
             print(f"{path}: adaptive, {policy.num_inference_steps} steps, w={policy.guidance_scale:g}, {rule}")
@@ -244,15 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="write a named training-free baseline policy",
                        description="Write a training-free baseline policy file. --steps and --scale "
                                    "default to the built-in model's benchmark settings.")
-    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag")
+    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag | linear-ag | affine-cutoff")
     p.add_argument("--steps", type=_positive_int, help="sampling steps T")
     p.add_argument("--scale", type=_nonneg_float, help="guidance scale w")
-    p.add_argument("--fraction", type=_finite_float, help="cutoff: CFG for the first round(F*T) steps")
+    p.add_argument("--fraction", type=_finite_float, help="cutoff, affine-cutoff: CFG for the first round(F*T) steps; "
+                   "linear-ag: CFG/affine alternate over the first round(F*T) steps (default 0.5)")
     p.add_argument("--start", type=_finite_float, help="interval: CFG where i/T is in [start, stop)")
     p.add_argument("--stop", type=_finite_float, help="interval: end of the window (exclusive)")
     p.add_argument("--threshold", type=_finite_float,
                    help="ag: cosine threshold (default: the built-in model's calibrated one)")
     p.add_argument("--space", choices=("x0", "eps"), default="x0", help="ag: where the cosine is taken")
+    p.add_argument("--affine", type=Path, metavar="COEFFS",
+                   help="linear-ag, affine-cutoff: coefficients JSON from fit-affine (default: the built-in model's shipped fit)")
+    p.add_argument("--from", dest="base", type=Path, metavar="POLICY",
+                   help="linear-ag: start from this static policy and make its cond steps affine (same NFE)")
     p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
     p.set_defaults(func=cmd_baseline)
 
@@ -284,8 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="a few policies only (smoke test)")
+    p.add_argument("--policy", action="append", type=Path, default=[],
+                   help="also evaluate this policy file (repeatable; e.g. searched policies)")
+    p.add_argument("--families", nargs="+", metavar="FAMILY",
+                   help="evaluate only these families (e.g. linear-ag affine-cutoff); policy files always run")
+    p.add_argument("--merge", action="store_true",
+                   help="replace those families' rows in the existing OUT_DIR/benchmark.json instead of a new table")
+    p.add_argument("--records", action="append", type=Path, default=[],
+                   help="with --merge: add the records of an 'agsearch eval --json' run (same samples, seed, scheduler)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("fit-affine", help="fit LinearAG coefficients (ε_u from past estimates) on teacher trajectories",
+                       description="Run full-CFG teacher trajectories on (seed, class) pairs of the built-in model, fit "
+                                   "per-step ridge coefficients predicting the unconditional prediction from eps_c(t), "
+                                   "eps_c(t-1), eps_u(t-1), x_t and a bias, and report the held-out R² per step.")
+    p.add_argument("--model", default="digits", help="built-in model (digits)")
+    p.add_argument("--pairs", type=_positive_int, default=200, help="teacher trajectories to fit on")
+    p.add_argument("--heldout", type=_positive_int, default=100, help="trajectories for the held-out R²")
+    p.add_argument("--seed", type=int, default=0, help="noise seed S of the fit pairs (the search's: 0; 1 is the evaluation's)")
+    p.add_argument("--heldout-seed", type=int, default=3, help="noise seed of the held-out pairs (search validation: 3)")
+    p.add_argument("--ridge", type=_nonneg_float, default=1e-4, help="ridge λ relative to the mean diagonal of XᵀX")
+    p.add_argument("--per-channel", action="store_true", help="one coefficient per channel instead of scalars")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="coefficients JSON to write")
+    p.add_argument("--policy", type=Path, help="also write the linear-ag baseline policy with these coefficients")
+    p.add_argument("--report", type=Path, help="also write the per-step R² table as markdown")
+    p.set_defaults(func=cmd_fit_affine)
 
     sub.add_parser("search", add_help=False, help="search a guidance policy (LightningCLI; see 'agsearch search --help')")
     sub.add_parser("cca", add_help=False, help="CCA fine-tune of the AR digits model (LightningCLI; see 'agsearch cca --help')")

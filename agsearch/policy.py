@@ -8,6 +8,13 @@ sampler runs (``kind: "static"``), or gives a per-sample rule that decides it wh
     cfg      ε_u + w_t (ε_c − ε_u)              2
     cond     ε_c (unconditional pass skipped)  1
     uncond   ε_u                               1
+    affine   ε̂_u + w (ε_c − ε̂_u), ε̂_u an affine  1  (LinearAG, ``agsearch.affine``; 2 where it
+             map of past estimates (``coef``)       falls back to ``cfg``)
+
+An ``affine`` step needs the previous step's ε_c and ε_u (true or estimated) when its past
+coefficients are non-zero. Where they are missing — step 0, or after a ``cond`` or ``uncond``
+step — it runs its ``fallback`` (``cond`` or ``cfg``); a static policy whose affine step could
+miss them without a fallback is invalid.
 
 The JSON Schema ships as ``agsearch/schema/policy.schema.json``. Every error raised while loading
 or validating is a :class:`PolicyError` whose one-line message names the file, the JSON pointer of
@@ -28,7 +35,7 @@ from typing import Any
 
 FORMAT = "agsearch.policy"
 VERSION = 1
-OP_NFE = {"cfg": 2, "cond": 1, "uncond": 1}
+OP_NFE = {"cfg": 2, "cond": 1, "uncond": 1, "affine": 1}
 RULES = ("ag_cosine",)
 
 
@@ -87,8 +94,10 @@ def validate(document: Any) -> None:
                 "minimum": f"a value >= {error.validator_value}",
                 "maximum": f"a value <= {error.validator_value}",
             }[error.validator]
-        elif error.validator == "not" and tuple(error.relative_schema_path)[-2:] == ("else", "not"):
-            message = f"'scale' is only allowed on 'cfg' steps, not on {_short(error.instance.get('op'))}"
+        elif error.validator == "not" and error.absolute_path and "required" in error.validator_value:
+            key = error.validator_value["required"][0]
+            owner = {"scale": "cfg"}.get(key, "affine")
+            message = f"{key!r} is only allowed on {owner!r} steps, not on {_short(error.instance.get('op'))}"
         elif error.validator == "not":
             other = "rule" if document.get("kind") == "static" else "steps"
             message = f"a {document.get('kind')} policy must not have '{other}'"
@@ -100,10 +109,51 @@ def validate(document: Any) -> None:
             f"{len(steps)} steps listed but num_inference_steps is {document['num_inference_steps']}",
             "/steps",
         )
+    if steps is not None:
+        step_costs(steps)  # affine coefficients and fallbacks
     if steps is not None and "nfe" in document:
-        expected = sum(OP_NFE[s["op"]] for s in steps)
+        expected = sum(step_costs(steps))
         if document["nfe"] != expected:
             raise PolicyError(f"{_short(document['nfe'])} does not match the steps, which cost {expected}", "/nfe")
+
+
+def step_costs(steps: list[dict]) -> list[int]:
+    """NFE of each step of a static policy (all samples alike), checking ``affine`` steps: their
+    coefficients, and that each one either has the previous step's estimates it needs or says
+    what to fall back to. Raises :class:`PolicyError` at the offending step."""
+    from agsearch.affine import AffineError, check_coef, needs_past
+
+    costs = []
+    channels = None
+    have_c = have_u = False  # did the previous step provide ε_c(t−1) and ε_u(t−1)?
+    for i, step in enumerate(steps):
+        op = step["op"]
+        if op != "affine":
+            costs.append(OP_NFE[op])
+            have_c, have_u = op in ("cfg", "cond"), op in ("cfg", "uncond")
+            continue
+        try:
+            ch = check_coef(step["coef"], "coef")
+        except AffineError as e:
+            raise PolicyError(str(e).removeprefix("coef").lstrip(": /") or str(e), f"/steps/{i}/coef") from None
+        if ch is not None and channels is not None and ch != channels:
+            raise PolicyError(f"{ch} per-channel coefficients, but an earlier affine step has {channels}", f"/steps/{i}/coef")
+        channels = ch if ch is not None else channels
+        fallback = step.get("fallback")
+        if not needs_past(step["coef"]) or (have_c and have_u):
+            costs.append(OP_NFE["affine"])
+            have_c = have_u = True
+        elif fallback is None:
+            why = "it is the first step" if i == 0 else f"step {i - 1} ({steps[i - 1]['op']}) does not provide them"
+            raise PolicyError(
+                f"affine step needs the previous step's conditional and unconditional estimates, but {why}; "
+                f"give it a 'fallback' (cond or cfg) or set its eps_c_prev and eps_u_prev coefficients to 0",
+                f"/steps/{i}",
+            )
+        else:
+            costs.append(OP_NFE[fallback])
+            have_c, have_u = True, fallback == "cfg"
+    return costs
 
 
 @dataclass
@@ -192,7 +242,10 @@ class Policy:
                    guidance_scale=self.guidance_scale)
         if self.steps is not None:
             doc["steps"] = self.steps
-            doc["nfe"] = sum(OP_NFE[s.get("op")] for s in self.steps if s.get("op") in OP_NFE)
+            try:
+                doc["nfe"] = sum(step_costs(self.steps))
+            except (PolicyError, KeyError, TypeError, AttributeError):  # validate() reports it
+                doc["nfe"] = sum(OP_NFE[s.get("op")] for s in self.steps if isinstance(s, dict) and s.get("op") in OP_NFE)
         if self.rule is not None:
             doc["rule"] = self.rule
         doc["provenance"] = self.provenance
@@ -224,7 +277,7 @@ class Policy:
         """Denoiser evaluations per sample; ``None`` for an adaptive policy (it varies per sample)."""
         if self.kind != "static":
             return None
-        return sum(OP_NFE[s["op"]] for s in self.steps)
+        return sum(step_costs(self.steps))
 
     @property
     def max_nfe(self) -> int:
@@ -235,8 +288,8 @@ class Policy:
         return float(self.steps[i].get("scale", self.guidance_scale)) if self.steps else float(self.guidance_scale)
 
     def ops_string(self) -> str:
-        """One letter per step: C = cfg, c = cond, u = uncond ("" for an adaptive policy)."""
-        return "".join({"cfg": "C", "cond": "c", "uncond": "u"}[s["op"]] for s in self.steps or [])
+        """One letter per step: C = cfg, c = cond, u = uncond, A = affine ("" for an adaptive policy)."""
+        return "".join({"cfg": "C", "cond": "c", "uncond": "u", "affine": "A"}[s["op"]] for s in self.steps or [])
 
     def label(self) -> str:
         if self.name:

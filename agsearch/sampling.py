@@ -1,11 +1,19 @@
 """The one sampling loop: it executes guidance policies (hard or soft) over a diffusers scheduler.
 
 At every step a *controller* gives, per sample, weights over a list of guidance ops (``cfg`` at a
-scale, ``cond``, ``uncond``). The loop runs only the denoiser passes that some weight needs — per
+scale, ``cond``, ``uncond``, ``affine``). The loop runs only the denoiser passes that some weight needs — per
 sample, so a sample that skips its unconditional pass really costs one evaluation less — mixes
 the op outputs with the weights (the DARTS mixed op, ``sum(w * op)``) and takes a scheduler step.
 One-hot weights are a hard policy; dense weights are the relaxed gates the search trains, and
 gradients flow through them: the caller picks the grad context.
+
+``affine`` (LinearAG, ``agsearch.affine``) replaces the unconditional pass by ε̂_u, an affine map
+of ε_c(t), the previous step's ε_c(t−1) and ε_u(t−1), x_t and a bias. The loop carries those past
+estimates per sample, with an availability p ∈ [0, 1]: the weight of the previous step's ops
+that provided them (1 or 0 for a hard policy; ``cond`` provides no ε_u, an ``affine`` step
+provides its ε̂_u). The op's output is p · affine CFG + (1 − p) · its ``fallback`` (``cond`` or
+``cfg``), so soft gates get gradients through p as well; without a fallback, a sample that
+reaches an affine step with p < 1 is an error.
 
 Controllers:
     ``StaticController``   one op per step from a static policy (all samples alike);
@@ -24,6 +32,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from agsearch.affine import estimate_uncond, needs_past
 from agsearch.policy import Policy
 
 
@@ -43,9 +52,10 @@ class Denoiser(Protocol):
 
 # -- guidance ops -----------------------------------------------------------------------------------
 def op_passes(op: dict) -> tuple[bool, bool]:
-    """Which passes (conditional, unconditional) an op needs."""
+    """Which passes (conditional, unconditional) an op needs; an ``affine`` op's unconditional
+    pass is needed only where it falls back to ``cfg`` (decided per sample by the loop)."""
     name = op["op"]
-    return name in ("cfg", "cond"), name in ("cfg", "uncond")
+    return name in ("cfg", "cond", "affine"), name in ("cfg", "uncond")
 
 
 def op_output(op: dict, out_c: torch.Tensor, out_u: torch.Tensor, default_scale: float) -> torch.Tensor:
@@ -57,7 +67,48 @@ def op_output(op: dict, out_c: torch.Tensor, out_u: torch.Tensor, default_scale:
         return out_c
     if name == "uncond":
         return out_u
+    if name == "affine":
+        raise ValueError("an affine op needs the past estimates: use affine_output")
     raise ValueError(f"unknown guidance op {name!r}")
+
+
+@dataclass
+class PastEstimates:
+    """What the previous step provided, per sample: ε_c(t−1), ε_u(t−1) (true or estimated) and
+    their availability in [0, 1] (B,) — the weight of the previous step's ops that provided them."""
+
+    eps_c: torch.Tensor  # (B, ...)
+    eps_u: torch.Tensor  # (B, ...)
+    have_c: torch.Tensor  # (B,)
+    have_u: torch.Tensor  # (B,)
+
+    @classmethod
+    def none(cls, like: torch.Tensor) -> "PastEstimates":
+        zeros = torch.zeros(like.shape[0], device=like.device, dtype=like.dtype)
+        return cls(torch.zeros_like(like), torch.zeros_like(like), zeros, zeros.clone())
+
+    def availability(self, op: dict) -> torch.Tensor:
+        """(B,) p for an op: 1 unless it is an affine op that uses the past."""
+        if op["op"] != "affine" or not needs_past(op["coef"]):
+            return torch.ones_like(self.have_c)
+        return self.have_c * self.have_u
+
+
+def affine_output(op: dict, out_c: torch.Tensor, out_u: torch.Tensor, x: torch.Tensor, past: PastEstimates,
+                  p: torch.Tensor, default_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LinearAG: p · [ε̂_u + w (ε_c − ε̂_u)] + (1 − p) · fallback, with p (B,) the availability of
+    the past estimates. Returns (output, ε_u it provides to the next step weighted by its
+    availability, that availability) — all per sample."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    u_hat = estimate_uncond(op["coef"], out_c, past.eps_c, past.eps_u, x)
+    guided = u_hat + default_scale * (out_c - u_hat)
+    fallback = op.get("fallback")
+    fb_out = out_u + default_scale * (out_c - out_u) if fallback == "cfg" else out_c
+    fb_u = 1.0 if fallback == "cfg" else 0.0
+    pv = p.view(shape)
+    output = pv * guided + (1 - pv) * fb_out
+    provided_u = pv * u_hat + (1 - pv) * fb_u * out_u
+    return output, provided_u, p + (1 - p) * fb_u
 
 
 # -- controllers ------------------------------------------------------------------------------------
@@ -204,12 +255,26 @@ def sample(
     nfe = torch.zeros(batch, device=noise.device)
     nan = torch.full((num_steps, batch), float("nan"), device=noise.device)
     cos_x0, cos_eps = nan.clone(), nan.clone()
+    past = PastEstimates.none(noise)
     for i, t in enumerate(scheduler.timesteps):
         plan = controller.plan(i, batch, noise.device)
         active = plan.weights != 0 if plan.active is None else plan.active | (plan.weights != 0)  # (B, K)
+        avail = torch.stack([past.availability(op) for op in plan.ops], dim=1)  # (B, K) p per op
         needs = torch.tensor([op_passes(op) for op in plan.ops], device=noise.device)  # (K, 2)
-        run_cond = (active & needs[:, 0]).any(dim=1)
-        run_uncond = (active & needs[:, 1]).any(dim=1)
+        need_c = needs[:, 0].expand(batch, -1)  # (B, K)
+        need_u = needs[:, 1].expand(batch, -1).clone()
+        for k, op in enumerate(plan.ops):
+            if op["op"] != "affine":
+                continue
+            missing = active[:, k] & (avail[:, k] < 1)
+            if op.get("fallback") == "cfg":
+                need_u[:, k] = missing
+            elif op.get("fallback") is None and bool(missing.any()):
+                why = "it is the first step" if i == 0 else "the previous step did not provide them"
+                raise ValueError(f"step {i}: an affine op needs the previous step's estimates, but {why} "
+                                 f"(for {int(missing.sum())} samples) and it has no fallback")
+        run_cond = (active & need_c).any(dim=1)
+        run_uncond = (active & need_u).any(dim=1)
 
         # Flow-matching schedulers feed the model x itself and have no scale_model_input.
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
@@ -231,14 +296,28 @@ def sample(
         # Mixed op: Σ_k w_k · op_k. With one-hot weights this is exactly the chosen op's output.
         # An op whose passes did not run for a sample has weight 0 there; its (meaningless)
         # output must not feed the weight's gradient either, so that weight is detached.
+        # What each op provides to the next step (for affine ops): ε_c where the conditional
+        # pass ran, ε_u from cfg/uncond and ε̂_u from affine, weighted like the outputs.
         shape = (batch,) + (1,) * (x.dim() - 1)
         model_output = 0
+        have_c = have_u = torch.zeros(batch, device=noise.device)
+        sum_u = torch.zeros_like(x)
         for k, op in enumerate(plan.ops):
-            need_c, need_u = needs[k]
-            ran = (run_cond | ~need_c) & (run_uncond | ~need_u)  # (B,)
+            ran = (run_cond | ~need_c[:, k]) & (run_uncond | ~need_u[:, k])  # (B,)
             w = plan.weights[:, k]
             if w.requires_grad and not bool(ran.all()):
                 w = torch.where(ran, w, w.detach())
-            model_output = model_output + w.view(shape) * op_output(op, out_c, out_u, default_scale)
+            if op["op"] == "affine":
+                output, provided_u, gives_u = affine_output(op, out_c, out_u, x, past, avail[:, k], default_scale)
+            else:
+                output = op_output(op, out_c, out_u, default_scale)
+                gives_u = torch.full_like(w, float(op["op"] in ("cfg", "uncond")))
+                provided_u = gives_u.view(shape) * out_u
+            model_output = model_output + w.view(shape) * output
+            have_c = have_c + w * float(op["op"] != "uncond")
+            have_u = have_u + w * gives_u
+            sum_u = sum_u + w.view(shape) * provided_u
+        # ε_u(t) for the next step: the providers' weighted mean (zero where none provided it).
+        past = PastEstimates(out_c, sum_u / have_u.clamp_min(1e-12).view(shape), have_c, have_u)
         x = scheduler.step(model_output, t, x).prev_sample
     return SampleOutput(x, nfe, cos_x0, cos_eps)

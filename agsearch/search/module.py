@@ -66,10 +66,13 @@ class SharedScaleAdam(torch.optim.Optimizer):
                 if not state:
                     state["step"] = 0
                     state["m"] = torch.zeros_like(p)
-                    state["v"] = torch.zeros((), dtype=p.dtype, device=p.device)
+                    # shared=False: plain Adam (one scale per entry), e.g. affine coefficients
+                    # whose regressors differ in scale.
+                    state["v"] = torch.zeros((), dtype=p.dtype, device=p.device) if group.get("shared", True) else torch.zeros_like(p)
                 state["step"] += 1
                 state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
-                state["v"].mul_(b2).add_(p.grad.pow(2).mean(), alpha=1 - b2)
+                g2 = p.grad.pow(2)
+                state["v"].mul_(b2).add_(g2.mean() if group.get("shared", True) else g2, alpha=1 - b2)
                 m_hat = state["m"] / (1 - b1 ** state["step"])
                 v_hat = state["v"] / (1 - b2 ** state["step"])
                 p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
@@ -81,21 +84,35 @@ class NonFiniteLossError(RuntimeError):
 
 
 class GateController:
-    """Per-sample op weights (B, T, K) as a sampling controller (``sampling.sample``)."""
+    """Per-sample op weights (B, T, K) as a sampling controller (``sampling.sample``); an
+    ``affine`` op takes step i's coefficients from ``affine_coef`` (T, R) or (T, R, C)."""
 
-    def __init__(self, ops: list[dict], weights: torch.Tensor, guidance_scale: float, compute_all: bool):
+    def __init__(self, ops: list[dict], weights: torch.Tensor, guidance_scale: float, compute_all: bool,
+                 affine_coef: torch.Tensor | None = None):
         self.ops = ops
         self.guidance_scale = guidance_scale
         self.weights = weights
         self.compute_all = compute_all
         self.num_inference_steps = weights.shape[1]
+        self.affine_coef = affine_coef
 
     def plan(self, i: int, batch: int, device) -> StepPlan:
         w = self.weights[:, i]  # (B, K)
-        return StepPlan(self.ops, w, torch.ones_like(w, dtype=torch.bool) if self.compute_all else None)
+        ops = [dict(op, coef=affine_coef_at(self.affine_coef, i)) if op["op"] == "affine" and self.affine_coef is not None
+               else op for op in self.ops]
+        return StepPlan(ops, w, torch.ones_like(w, dtype=torch.bool) if self.compute_all else None)
 
     def observe(self, i, stats) -> None:
         pass
+
+
+def affine_coef_at(coef: torch.Tensor, i: int) -> dict:
+    """Step i's coefficient mapping from a (T, R[, C]) tensor; step 0 has no past, so its past
+    coefficients are constant zeros (its affine op then needs no fallback)."""
+    from agsearch.affine import PAST, REGRESSORS
+
+    return {name: (torch.zeros_like(coef[i, j]).detach() if i == 0 and name in PAST else coef[i, j])
+            for j, name in enumerate(REGRESSORS)}
 
 
 def _gumbel(seeds: torch.Tensor, step: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -140,6 +157,8 @@ class PolicySearchModule(pl.LightningModule):
         init: ``budget`` starts the gates at E[NFE] = budget (ops of equal cost equally likely),
             so λ does not first have to undo an over-budget start; ``teacher`` puts 0.9 on CFG at
             the run's scale; ``uniform`` starts at zeros.
+        affine_lr: Adam learning rate of the affine coefficients when the space trains them
+            (``{op: affine, train: true}``); they start from the space's fit.
     """
 
     def __init__(
@@ -164,6 +183,7 @@ class PolicySearchModule(pl.LightningModule):
         init: str = "budget",
         optimizer: str = "shared_adam",
         polish_rounds: int = 2,
+        affine_lr: float = 1e-3,
     ):
         super().__init__()
         settings = _model_settings(model)
@@ -193,7 +213,7 @@ class PolicySearchModule(pl.LightningModule):
         lo, hi = T * min(self.costs), T * max(self.costs)
         _check(isinstance(budget, int) and lo <= budget <= hi,
                f"Expected model.budget to be an integer between {lo} and {hi} NFE for {T} steps, but got {budget}")
-        for name, value in (("lr", lr), ("dual_lr", dual_lr), ("trajectory_weight", trajectory_weight),
+        for name, value in (("lr", lr), ("dual_lr", dual_lr), ("affine_lr", affine_lr), ("trajectory_weight", trajectory_weight),
                             ("entropy_weight", entropy_weight)):
             _check(math.isfinite(value) and value >= 0, f"Expected model.{name} to be a finite number >= 0, but got {value}")
         _check(distance in DISTANCES, f"Expected model.distance in {DISTANCES}, but got {distance!r}")
@@ -209,8 +229,15 @@ class PolicySearchModule(pl.LightningModule):
         self.hparams.update(scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
                             space_spec=self.space.to_dict())
 
-        # α (T, K): the only trainable parameters.
+        # α (T, K): the trainable parameters (with the affine coefficients where the space trains them).
         self.gate_logits = torch.nn.Parameter(_initial_logits(self.candidates, self.costs, T, budget, init))
+        # LinearAG coefficients (T, R) or (T, R, C): trained with the gates, or fixed (still saved).
+        entry = self.space.affine_entry()
+        if entry is not None:
+            self.affine_coef = torch.nn.Parameter(_affine_coefficients(entry, T, guidance_scale),
+                                                  requires_grad=bool(entry.get("train", False)))
+        else:
+            self.register_parameter("affine_coef", None)
         self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
         self.backend = load_backend(model, scheduler)  # frozen, not a submodule: not in checkpoints
@@ -341,6 +368,10 @@ class PolicySearchModule(pl.LightningModule):
         budget = self.hparams.budget if budget is None else budget
         picks = self.discrete_indices(budget, mode) if picks is None else picks
         steps = [dict(self.candidates[k]) for k in picks]
+        for i, step in enumerate(steps):
+            if step["op"] == "affine":
+                coef = affine_coef_at(self.affine_coef.detach().cpu(), i)
+                step["coef"] = {name: (v.tolist() if v.dim() else float(v)) for name, v in coef.items()}
         nfe = sum(self.costs[k] for k in picks)
         backend = self.backend
         search = {
@@ -380,7 +411,7 @@ class PolicySearchModule(pl.LightningModule):
             policy = Policy.static(["cfg"] * self.num_inference_steps, self.guidance_scale)
             out = sample(denoiser, self.backend.scheduler, policy, noise, cond, callback=callback)
         else:
-            controller = GateController(self.candidates, weights, self.guidance_scale, compute_all)
+            controller = GateController(self.candidates, weights, self.guidance_scale, compute_all, self.affine_coef)
             out = sample(denoiser, self.backend.scheduler, None, noise, cond, controller=controller, callback=callback)
         return out.samples, (torch.stack(xs[1:]) if keep and len(xs) > 1 else None)
 
@@ -464,9 +495,12 @@ class PolicySearchModule(pl.LightningModule):
         }, prog_bar=False, on_epoch=True, batch_size=B, sync_dist=True)
 
     def configure_optimizers(self):
+        groups = [{"params": [self.gate_logits]}]
+        if self.affine_coef is not None and self.affine_coef.requires_grad:
+            groups.append({"params": [self.affine_coef], "lr": self.hparams.affine_lr, "shared": False})
         if self.hparams.optimizer == "adam":
-            return torch.optim.Adam([self.gate_logits], lr=self.hparams.lr)
-        return SharedScaleAdam([self.gate_logits], lr=self.hparams.lr)
+            return torch.optim.Adam([{k: v for k, v in g.items() if k != "shared"} for g in groups], lr=self.hparams.lr)
+        return SharedScaleAdam(groups, lr=self.hparams.lr)
 
     def on_fit_start(self):
         self._on_device()
@@ -512,6 +546,16 @@ def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: in
     for k, c in enumerate(costs):
         logits[:, k] = math.log(q / n_hi) if c == hi else math.log((1 - q) / n_lo)
     return logits
+
+
+def _affine_coefficients(entry: dict, T: int, guidance_scale: float) -> torch.Tensor:
+    """(T, R) or (T, R, C) starting coefficients of a space's ``affine`` op, from its fit file."""
+    from agsearch.affine import REGRESSORS, check_matches, load_builtin, load_coefficients
+
+    source = entry.get("coefficients", "builtin")
+    document = load_builtin() if source == "builtin" else load_coefficients(source)
+    check_matches(document, T, guidance_scale, "builtin" if source == "builtin" else source)
+    return torch.tensor([[c[name] for name in REGRESSORS] for c in document["coefficients"]], dtype=torch.float32)
 
 
 def _check(ok: bool, message: str) -> None:

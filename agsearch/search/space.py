@@ -10,11 +10,16 @@ A space file (``search_spaces/*.yaml``, shipped in the package as ``agsearch.sea
       - {op: cfg, strengths: [0.5, 2.0]}       # CFG at w' = 1 + m (w - 1) for each strength m
       - {op: cond, nfe: 1}
       - {op: uncond, nfe: 1}
+      - {op: affine, nfe: 1, coefficients: builtin, train: false}   # LinearAG (agsearch.affine)
     relaxation:
       kind: gumbel_st                          # or softmax
       temperature: {start: 1.0, end: 0.3, schedule: exponential}   # or linear, constant
 
-``nfe`` is optional; when given it must match what the op costs. Given a run's guidance scale a
+``nfe`` is optional; when given it must match what the op costs. ``affine`` takes its per-step
+coefficients from a ``fit-affine`` file (``coefficients``: a path, or ``builtin`` for the built-in
+model's shipped fit) and keeps them fixed, or trains them jointly with the gates (``train: true``);
+where the previous step's estimates are missing (step 0, after ``cond``) it falls back to ``cond``,
+so it always costs 1 NFE. Given a run's guidance scale a
 space resolves to K concrete candidates — policy step dicts such as ``{"op": "cfg", "scale": 1.2}``
 — with their NFE costs (K,). The gate logits of a search are (T, K) over these candidates.
 """
@@ -33,7 +38,7 @@ from agsearch.policy import OP_NFE
 
 RELAXATIONS = ("softmax", "gumbel_st")
 SCHEDULES = ("exponential", "linear", "constant")
-SEARCH_OPS = ("cfg", "cond", "uncond")  # `affine` joins with LinearAG
+SEARCH_OPS = ("cfg", "cond", "uncond", "affine")
 
 
 class SpaceError(ValueError):
@@ -77,6 +82,9 @@ class SearchSpace:
         """The K concrete policy steps for a run at ``guidance_scale``."""
         out: list[dict] = []
         for entry in self.ops:
+            if entry["op"] == "affine":  # coefficients per step come from the search module
+                out.append({"op": "affine", "fallback": "cond"})
+                continue
             if entry["op"] != "cfg":
                 out.append({"op": entry["op"]})
                 continue
@@ -97,6 +105,10 @@ class SearchSpace:
     @staticmethod
     def labels(candidates: list[dict]) -> list[str]:
         return [c["op"] if "scale" not in c else f"cfg@{c['scale']:g}" for c in candidates]
+
+    def affine_entry(self) -> dict | None:
+        """The space's ``affine`` op entry (at most one), or None."""
+        return next((dict(e) for e in self.ops if e["op"] == "affine"), None)
 
     def to_dict(self) -> dict:
         return {
@@ -126,6 +138,7 @@ class SearchSpace:
             if op not in SEARCH_OPS:
                 raise SpaceError(f"{at}unknown op {op!r}; expected one of {', '.join(SEARCH_OPS)}")
             allowed = {"op", "nfe"} | ({"scales", "strengths"} if op == "cfg" else set())
+            allowed |= {"coefficients", "train"} if op == "affine" else set()
             extra = set(entry) - allowed
             if extra:
                 raise SpaceError(f"{at}unknown key {sorted(extra)[0]!r} for op {op!r}")
@@ -139,8 +152,15 @@ class SearchSpace:
                     isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values
                 ):
                     raise SpaceError(f"{at}'{key}' must be a non-empty list of finite numbers >= 0, got {values!r}")
+            if op == "affine":
+                if not isinstance(entry.get("train", False), bool):
+                    raise SpaceError(f"{at}'train' must be true or false, got {entry['train']!r}")
+                if not isinstance(entry.get("coefficients", "builtin"), str):
+                    raise SpaceError(f"{at}'coefficients' must be 'builtin' or a fit-affine JSON path, got {entry['coefficients']!r}")
             checked.append(dict(entry))
         names = [e["op"] for e in checked]
+        if names.count("affine") > 1:
+            raise SpaceError(f"{where}at most one 'affine' op per space, got {names.count('affine')}")
         relaxation = document.get("relaxation", {}) or {}
         if not isinstance(relaxation, dict):
             raise SpaceError(f"{where}'relaxation' must be a mapping, got {relaxation!r}")

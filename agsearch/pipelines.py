@@ -82,6 +82,10 @@ class PolicyRunner:
         self.pipe = pipe
         self.denoiser = _check_supported(pipe)
         self.policy = policy if isinstance(policy, Policy) else Policy.load(policy)
+        if any(step["op"] == "affine" for step in self.policy.steps or []):
+            # Without the past estimates an affine step would silently run as ``cond``.
+            raise ValueError("affine (LinearAG) steps need the sampler's past estimates, which apply_policy does "
+                             "not carry yet; run them with agsearch.sample over agsearch.text_denoisers")
         self.resample = resample
         self._forward = self.denoiser.forward  # the bound forward (or whatever hook is there now)
         self._signature = inspect.signature(self._forward)

@@ -166,6 +166,17 @@ def test_step_count_mismatch_is_refused_unless_resampled(pipes):
     assert [ops[0] for ops in runner.ops] == ["cfg"] * 3 + ["cond"] * 3
 
 
+def test_affine_policies_are_refused_not_run_as_cond(pipes):
+    from agsearch.affine import affine_step, load_builtin
+
+    coef = load_builtin()["coefficients"][1]
+    policy = Policy.static(["cfg", affine_step(coef), "cond", "cond"], W)
+    with pytest.raises(ValueError, match="affine"):
+        with apply_policy(pipes["sd"], policy):
+            pass
+    assert "forward" not in pipes["sd"].unet.__dict__
+
+
 def test_pipeline_is_left_as_it_was(pipes, tmp_path):
     pipe = pipes["sd"]
     before = (dict(pipe.unet.__dict__), dict(pipe.scheduler.__dict__))

@@ -34,7 +34,6 @@ def test_guider_refuses_what_it_cannot_run(policy, fragment):
         PolicyGuidance.from_policy(policy)
 
 
-@pytest.mark.slow
 def test_guider_in_a_modular_sdxl_pipeline_matches_apply_policy():
     from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
         StableDiffusionXLAutoBlocks,

@@ -60,8 +60,7 @@ class RowCounter:
         self.handle.remove()
 
 
-@pytest.mark.parametrize("name", ["sd", pytest.param("sdxl", marks=pytest.mark.slow),
-                                  pytest.param("sd3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
 def test_full_cfg_policy_gives_the_plain_pipeline_images(pipes, name):
     pipe = pipes[name]
     kwargs = dict(negative_prompt=["blurry", "ugly"], num_images_per_prompt=2)
@@ -73,7 +72,7 @@ def test_full_cfg_policy_gives_the_plain_pipeline_images(pipes, name):
     assert runner.nfe.tolist() == [2.0 * T] * 4
 
 
-@pytest.mark.parametrize("name", ["sd", pytest.param("sdxl", marks=pytest.mark.slow), "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
 def test_denoiser_evaluations_equal_the_policy_nfe(pipes, name):
     pipe = pipes[name]
     policy = Policy.static(["cfg", {"op": "cfg", "scale": 3.0}, "cond", "uncond"], W)
@@ -214,7 +213,7 @@ def test_bad_use_is_refused(pipes):
     assert runner.nfe.tolist() == [T]
 
 
-@pytest.mark.parametrize("name,prediction", [("sd", "epsilon"), pytest.param("sd", "v_prediction", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name,prediction", [("sd", "epsilon"), ("sd", "v_prediction"),
                                              ("sd3", "flow")])
 def test_denoiser_adapters_reproduce_the_pipeline(pipes, name, prediction):
     """agsearch's own sampler over the adapters gives the latents the pipeline gives under apply_policy

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from agsearch.policy import read_text_file
+
 REGRESSORS = ("eps_c", "eps_c_prev", "eps_u_prev", "x", "bias")
 PAST = ("eps_c_prev", "eps_u_prev")  # what a step needs from the step before it
 FALLBACKS = ("cond", "cfg")
@@ -135,12 +137,7 @@ def validate_file(document: Any, source: str = "coefficients") -> None:
 def load_coefficients(path: str | os.PathLike) -> dict:
     """Read and validate a coefficients file written by ``agsearch fit-affine``."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise AffineError(f"{path}: cannot read coefficients file: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise AffineError(f"{path}: not a UTF-8 text file") from None
+    text = read_text_file(path, "coefficients file", AffineError)
 
     def no_constants(name):
         raise AffineError(f"{path}: invalid JSON: {name} is not allowed")

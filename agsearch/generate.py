@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from agsearch.pipelines import SUPPORTED, apply_policy
-from agsearch.policy import Policy, atomic_write_bytes
+from agsearch.policy import Policy, atomic_write_bytes, read_text_file
 from agsearch.text_metrics import mse_psnr
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,12 +37,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     then every line must be an object with a non-empty string ``prompt``.
     """
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read prompt file: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    text = read_text_file(path, "prompt file")
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the prompt file is empty")

@@ -327,6 +327,17 @@ class Policy:
         return self.resample(num_inference_steps)
 
 
+def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> str:
+    """The UTF-8 text of ``path``; an unreadable or non-UTF-8 file raises ``error`` with one line
+    naming the file and ``what`` it should have been (e.g. "prompt file")."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a UTF-8 text file") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same folder and a rename, so a
     reader never sees a half-written file and a failed write leaves the old file intact."""

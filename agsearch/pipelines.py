@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from agsearch.policy import Policy
-from agsearch.sampling import StepStats, _cosine, controller_for, op_passes, predict_x0
+from agsearch.sampling import AGController, StepStats, _cosine, controller_for, op_passes, predict_x0
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 
@@ -169,7 +169,7 @@ class PolicyRunner:
         if not cfg_batch:  # every sample runs ``cond``: the pipeline's own batch is that
             self.forward_rows += n
             return self._forward(*args, **kwargs)
-        if bool(need.all()) and all(s == w for s in scales) and not hasattr(self.controller, "threshold"):
+        if bool(need.all()) and all(s == w for s in scales) and not isinstance(self.controller, AGController):
             self.forward_rows += 2 * n  # plain CFG at the call's scale: the pipeline's own forward
             return self._forward(*args, **kwargs)
 
@@ -193,7 +193,7 @@ class PolicyRunner:
         eps_u[rows_u] = pred[: len(rows_u)]
         eps_c[rows_c] = pred[len(rows_u):]
 
-        if hasattr(self.controller, "threshold"):  # the adaptive rule observes γ where both ran
+        if isinstance(self.controller, AGController):  # the adaptive rule observes γ where both ran
             both = need.all(dim=1)
             t = timesteps[i]
             nan = torch.full((n,), float("nan"), device=device)

@@ -23,6 +23,7 @@ the offending field and the bad value.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -101,6 +102,8 @@ def validate(document: Any) -> None:
         elif error.validator == "not":
             other = "rule" if document.get("kind") == "static" else "steps"
             message = f"a {document.get('kind')} policy must not have '{other}'"
+        elif error.validator == "oneOf" and list(error.absolute_path) == ["rule"]:
+            message = "give either 'threshold' (one for every step) or 'thresholds' (one per step), not both or neither"
         raise PolicyError(message, _pointer(error.absolute_path))
     # What the schema cannot say.
     steps = document.get("steps")
@@ -111,6 +114,11 @@ def validate(document: Any) -> None:
         )
     if steps is not None:
         step_costs(steps)  # affine coefficients and fallbacks
+    rule = document.get("rule") or {}
+    for key in ("thresholds", "scales"):
+        if key in rule and len(rule[key]) != document["num_inference_steps"]:
+            raise PolicyError(f"{len(rule[key])} {key} listed but num_inference_steps is "
+                              f"{document['num_inference_steps']} (one per step)", f"/rule/{key}")
     if steps is not None and "nfe" in document:
         expected = sum(step_costs(steps))
         if document["nfe"] != expected:
@@ -185,10 +193,18 @@ class Policy:
         return cls("static", len(steps), guidance_scale, steps=steps, **kwargs)
 
     @classmethod
-    def adaptive(cls, num_inference_steps: int, guidance_scale: float, threshold: float,
-                 space: str = "x0", **kwargs) -> "Policy":
-        """The Adaptive Guidance rule: CFG until cos(cond, uncond) in ``space`` reaches ``threshold``."""
-        rule = {"rule": "ag_cosine", "space": space, "threshold": threshold}
+    def adaptive(cls, num_inference_steps: int, guidance_scale: float, threshold: float | list[float],
+                 space: str = "x0", scales: list[float] | None = None, **kwargs) -> "Policy":
+        """The Adaptive Guidance rule: per sample, CFG until cos(cond, uncond) in ``space`` reaches
+        ``threshold`` — one number (AG), or a list of one threshold per step (a searched rule) —
+        then ``cond`` for good. ``scales``: optional per-step guidance scales while guiding."""
+        rule = {"rule": "ag_cosine", "space": space}
+        if isinstance(threshold, (list, tuple)):
+            rule["thresholds"] = [float(v) for v in threshold]
+        else:
+            rule["threshold"] = threshold
+        if scales is not None:
+            rule["scales"] = [float(v) for v in scales]
         return cls("adaptive", num_inference_steps, guidance_scale, rule=rule, **kwargs)
 
     @classmethod
@@ -284,8 +300,18 @@ class Policy:
         return self.nfe if self.nfe is not None else 2 * self.num_inference_steps
 
     def scale_at(self, i: int) -> float:
-        """The guidance scale of a ``cfg`` step ``i``."""
-        return float(self.steps[i].get("scale", self.guidance_scale)) if self.steps else float(self.guidance_scale)
+        """The guidance scale of a ``cfg`` step ``i`` (of a guided step ``i`` of an adaptive rule)."""
+        if self.steps:
+            return float(self.steps[i].get("scale", self.guidance_scale))
+        if self.rule and "scales" in self.rule:
+            return float(self.rule["scales"][i])
+        return float(self.guidance_scale)
+
+    def threshold_at(self, i: int) -> float:
+        """An adaptive rule's threshold θ_i at step ``i``."""
+        if "thresholds" in self.rule:
+            return float(self.rule["thresholds"][i])
+        return float(self.rule["threshold"])
 
     def ops_string(self) -> str:
         """One letter per step: C = cfg, c = cond, u = uncond, A = affine ("" for an adaptive policy)."""
@@ -295,7 +321,8 @@ class Policy:
         if self.name:
             return self.name
         if self.kind == "adaptive":
-            return f"ag-{self.rule.get('space', 'x0')}-{self.rule['threshold']:g}"
+            space = self.rule.get("space", "x0")
+            return f"ag-{space}-{self.rule['threshold']:g}" if "threshold" in self.rule else f"ag-{space}-per-step"
         return self.ops_string()
 
     def resample(self, num_inference_steps: int) -> "Policy":
@@ -304,13 +331,18 @@ class Policy:
         if num_inference_steps < 1:
             raise PolicyError(f"cannot resample to {num_inference_steps} steps", "/num_inference_steps")
         provenance = {**self.provenance, "resampled_from": self.num_inference_steps}
-        steps = None
-        if self.steps is not None:
-            old = self.num_inference_steps
-            steps = [dict(self.steps[min(old - 1, int((j + 0.5) * old / num_inference_steps))])
-                     for j in range(num_inference_steps)]
-        return Policy(self.kind, num_inference_steps, self.guidance_scale, steps=steps,
-                      rule=dict(self.rule) if self.rule else None, name=self.name,
+        old = self.num_inference_steps
+
+        def remap(items: list) -> list:
+            return [copy.deepcopy(items[min(old - 1, int((j + 0.5) * old / num_inference_steps))])
+                    for j in range(num_inference_steps)]
+
+        steps = remap(self.steps) if self.steps is not None else None
+        rule = dict(self.rule) if self.rule else None
+        for key in ("thresholds", "scales"):
+            if rule and key in rule:
+                rule[key] = remap(rule[key])
+        return Policy(self.kind, num_inference_steps, self.guidance_scale, steps=steps, rule=rule, name=self.name,
                       provenance=provenance, metrics={})
 
     def for_steps(self, num_inference_steps: int, resample: bool = False) -> "Policy":

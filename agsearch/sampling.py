@@ -135,27 +135,32 @@ class StaticController:
 
 
 class AGController:
-    """Adaptive Guidance: per sample, ``cfg`` while γ_t < threshold, then ``cond`` for good.
+    """Adaptive Guidance: per sample, ``cfg`` while γ_t < θ_t, then ``cond`` for good.
 
     γ_t is observed at a step where the sample ran both passes (and used CFG); once it reaches the
-    threshold the sample runs ``cond`` from the next step on, so its unconditional pass is skipped.
+    step's threshold θ_t the sample runs ``cond`` from the next step on, so its unconditional pass
+    is skipped. θ_t is one number for every step (AG) or one per step (a searched rule,
+    ``agsearch.search.adaptive``); a guided step runs CFG at the rule's per-step scale if it has one.
     """
 
     def __init__(self, policy: Policy):
-        self.threshold = float(policy.rule["threshold"])
+        T = policy.num_inference_steps
+        self.thresholds = [policy.threshold_at(i) for i in range(T)]
+        self.scales = [policy.scale_at(i) for i in range(T)]
         self.space = policy.rule.get("space", "x0")
-        self.ops = [{"op": "cfg", "scale": float(policy.guidance_scale)}, {"op": "cond"}]
         self.guiding: torch.Tensor | None = None  # (B,) bool
 
     def plan(self, i: int, batch: int, device) -> StepPlan:
         if self.guiding is None:
             self.guiding = torch.ones(batch, dtype=torch.bool, device=device)
         g = self.guiding.float()
-        return StepPlan(self.ops, torch.stack([g, 1 - g], dim=1))
+        ops = [{"op": "cfg", "scale": self.scales[i]}, {"op": "cond"}]
+        return StepPlan(ops, torch.stack([g, 1 - g], dim=1))
 
     def observe(self, i: int, stats: "StepStats") -> None:
         gamma = stats.cosine_x0 if self.space == "x0" else stats.cosine_eps
-        crossed = stats.both & (gamma >= self.threshold)
+        # θ = 1 keeps guiding: a float32 cosine can round to 1 where the predictions nearly agree.
+        crossed = stats.both & (gamma >= self.thresholds[i]) & (self.thresholds[i] < 1)
         self.guiding = self.guiding & ~crossed
 
 
@@ -182,6 +187,17 @@ class StepStats:
     both: torch.Tensor  # (B,) bool: γ is defined only where both passes ran
     cosine_x0: torch.Tensor  # (B,) NaN where not both
     cosine_eps: torch.Tensor  # (B,)
+    scheduler: object = None  # the trajectory's scheduler, before this step (read-only; copy it to resume)
+
+
+@dataclass
+class Resume:
+    """A trajectory paused before step ``i``: the sample ``x`` and a copy of its scheduler (set up for
+    the run's step count, with any multistep history), e.g. taken from a callback's ``StepStats``."""
+
+    i: int
+    x: torch.Tensor
+    scheduler: object
 
 
 @dataclass
@@ -228,13 +244,16 @@ def sample(
     *,
     controller=None,
     callback: Callable[[StepStats], None] | None = None,
+    resume: Resume | None = None,
 ) -> SampleOutput:
     """Sample from ``noise`` (B, ...) under ``cond`` following a guidance ``policy``.
 
     ``scheduler`` is a diffusers scheduler; it is copied, so every call starts a fresh
     trajectory. ``controller`` replaces the policy's own controller (the search passes soft
     gates; it then also provides ``num_inference_steps`` and ``guidance_scale``). ``callback``
-    observes each step's :class:`StepStats` and must not modify them.
+    observes each step's :class:`StepStats` and must not modify them. ``resume`` continues a paused
+    trajectory from its step ``i`` (``noise`` then only gives the batch size and device; the NFE
+    counts the steps run here; an ``affine`` op finds no past estimates at the first step run).
     """
     if controller is None:
         if policy is None:
@@ -245,18 +264,23 @@ def sample(
     if policy is None and not hasattr(controller, "guidance_scale"):
         raise ValueError("a controller used without a policy must define guidance_scale (the scale of a cfg op without its own)")
     default_scale = float(policy.guidance_scale if policy is not None else controller.guidance_scale)
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_steps, device=noise.device)
+    if resume is None:
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(num_steps, device=noise.device)
+        x, first = noise * getattr(scheduler, "init_noise_sigma", 1.0), 0  # flow matching: none (1)
+    else:
+        scheduler, x, first = copy.deepcopy(resume.scheduler), resume.x, resume.i
     if len(scheduler.timesteps) != num_steps:
         raise ValueError(f"scheduler made {len(scheduler.timesteps)} timesteps for {num_steps} steps")
 
     batch = noise.shape[0]
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none (1)
     nfe = torch.zeros(batch, device=noise.device)
     nan = torch.full((num_steps, batch), float("nan"), device=noise.device)
     cos_x0, cos_eps = nan.clone(), nan.clone()
     past = PastEstimates.none(noise)
     for i, t in enumerate(scheduler.timesteps):
+        if i < first:
+            continue
         plan = controller.plan(i, batch, noise.device)
         active = plan.weights != 0 if plan.active is None else plan.active | (plan.weights != 0)  # (B, K)
         avail = torch.stack([past.availability(op) for op in plan.ops], dim=1)  # (B, K) p per op
@@ -288,7 +312,7 @@ def sample(
                 x0_u = predict_x0(scheduler, x, out_u.detach(), t, i)
                 cos_x0[i] = torch.where(both, _cosine(x0_c, x0_u), cos_x0[i])
                 cos_eps[i] = torch.where(both, _cosine(out_c.detach(), out_u.detach()), cos_eps[i])
-        stats = StepStats(i, t, x, out_c, out_u, run_cond, run_uncond, both, cos_x0[i], cos_eps[i])
+        stats = StepStats(i, t, x, out_c, out_u, run_cond, run_uncond, both, cos_x0[i], cos_eps[i], scheduler)
         controller.observe(i, stats)
         if callback is not None:
             callback(stats)

@@ -4,6 +4,9 @@
 expected NFE, λ, the temperature and the latest losses. It writes them to ``gates.json`` in the
 run directory (whatever the logger; the notebook reads it), draws ``gates.png``, and for every
 ``WandbLogger`` of the trainer logs the heatmap as an image and the probabilities as a table.
+``ThresholdMonitor`` does the same for an adaptive space's search (``agsearch.search.adaptive``):
+the per-step thresholds θ_t over the teacher's γ_t, and the share of samples still guided per step
+(``thresholds.json``, ``thresholds.png``; W&B ``thresholds/curve`` image and ``thresholds/table``).
 ``log_policy_artifact`` adds the exported policy file to the W&B run as an artifact.
 """
 
@@ -18,6 +21,7 @@ import torch
 from agsearch.policy import atomic_write_bytes, atomic_write_text
 
 HISTORY_FILE = "gates.json"
+THRESHOLDS_FILE = "thresholds.json"
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list:
@@ -111,6 +115,96 @@ class GateMonitor(pl.Callback):
             "epochs": self.history,
         }
         return atomic_write_text(self.run_dir / HISTORY_FILE, json.dumps(document) + "\n")
+
+
+def plot_thresholds(thresholds: list[float], guided: list[float], gamma_quantiles: list[list[float]] | None = None,
+                    title: str = ""):
+    """θ_t per step over the teacher's γ_t (5/50/95% quantiles), and the share still guided."""
+    import matplotlib.pyplot as plt
+
+    T = len(thresholds)
+    steps = list(range(T))
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * T + 2), 5.2), sharex=True)
+
+    def nines(c):  # −log10(1 − c): 0.9 → 1, 0.99 → 2; cosines crowd near 1
+        import math
+        return -math.log10(max(1e-7, 1 - min(max(c, -1.0), 1.0)))
+
+    if gamma_quantiles is not None:
+        lo, mid, hi = ([nines(q[j]) for q in gamma_quantiles] for j in range(3))
+        ax.fill_between(steps, lo, hi, color="tab:blue", alpha=0.2, label="teacher γ_t, 5–95%")
+        ax.plot(steps, mid, color="tab:blue", lw=1, label="teacher γ_t, median")
+    ax.plot(steps[:-1], [nines(v) for v in thresholds[:-1]], color="tab:red", marker="o", ms=3, label="θ_t")
+    ax.set_ylabel("−log10(1 − cos)")
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
+    ax.set_title(title, fontsize=9)
+    bx.step(steps, guided, where="mid", color="tab:green")
+    bx.set_ylim(0, 1.02)
+    bx.set_ylabel("share guided")
+    bx.set_xlabel("sampling step (0 = most noisy)")
+    fig.tight_layout()
+    return fig
+
+
+class ThresholdMonitor(pl.Callback):
+    """θ_t history (``thresholds.json``, ``thresholds.png``) and W&B curve + table, at the end of
+    every epoch (about 20 times per run when epochs are many)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module) -> None:
+        # A full-batch threshold search has one step per epoch and hundreds of epochs: keep about
+        # 20 entries (and the last), not a plot per step.
+        epochs = trainer.max_steps / max(1, trainer.num_training_batches) if trainer.max_steps and trainer.max_steps > 0 else 0
+        every = max(1, round(epochs / 20))
+        last = trainer.max_steps and trainer.global_step >= trainer.max_steps
+        if trainer.current_epoch % every and not last:
+            return
+        metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(("train/", "val/")) and torch.as_tensor(v).numel() == 1}
+        entry = {
+            "epoch": trainer.current_epoch, "step": trainer.global_step, "dual": round(float(module.dual), 6),
+            "temperature": round(float(module.temperature()), 6), "metrics": metrics,
+            "thresholds": [round(v, 8) for v in module.thresholds()],
+            "guided": [round(float(v), 5) for v in module.last_guided],
+        }
+        self.history.append(entry)
+        if not trainer.is_global_zero:
+            return
+        self.write(module)
+        e_nfe = metrics.get("train/expected_nfe", float("nan"))
+        title = (f"{module.space.name}, epoch {entry['epoch']}, step {entry['step']}: "
+                 f"E[NFE] {e_nfe:.2f}, budget {module.hparams.budget} (before calibration)")
+        png = _figure_png(plot_thresholds(entry["thresholds"], entry["guided"], module.gamma_quantiles(), title))
+        atomic_write_bytes(self.run_dir / "thresholds.png", png)
+        for logger in _wandb_loggers(trainer):
+            import io
+
+            import wandb
+            from PIL import Image
+
+            logger.log_image(key="thresholds/curve", images=[wandb.Image(Image.open(io.BytesIO(png)), caption=title)])
+            rows = [[t, th, g] for t, (th, g) in enumerate(zip(entry["thresholds"], entry["guided"]))]
+            logger.log_table(key="thresholds/table", columns=["step", "theta", "guided_share"], data=rows)
+            logger.log_metrics({"thresholds/temperature": entry["temperature"], "thresholds/dual": entry["dual"],
+                                "epoch": entry["epoch"]}, step=trainer.global_step)
+
+    def write(self, module) -> Path:
+        document = {
+            "format": "agsearch.thresholds", "version": 1, "space": module.space.name,
+            "rule": dict(module.space.rule), "budget": int(module.hparams.budget),
+            "num_inference_steps": module.num_inference_steps, "guidance_scale": module.guidance_scale,
+            "gamma_quantiles": module.gamma_quantiles(), "epochs": self.history,
+        }
+        return atomic_write_text(self.run_dir / THRESHOLDS_FILE, json.dumps(document) + "\n")
 
 
 def log_policy_artifact(trainer: pl.Trainer, path: Path, name: str, records: list[dict] | None = None) -> None:

@@ -84,7 +84,8 @@ def _cli_class():
         def instantiate_trainer(self, **kwargs):
             from pytorch_lightning.callbacks import ModelCheckpoint
 
-            from agsearch.search.callbacks import GateMonitor
+            from agsearch.search.adaptive import ThresholdSearchModule
+            from agsearch.search.callbacks import GateMonitor, ThresholdMonitor
 
             config = self.config
             extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
@@ -93,7 +94,8 @@ def _cli_class():
             trainer_config["enable_progress_bar"] = bool(config.progress) and trainer_config.get("enable_progress_bar", True) is not False
             if trainer_config.get("logger") in (None, True):
                 trainer_config["logger"] = _default_logger(self.run_dir, config)
-            self.gate_monitor = GateMonitor(self.run_dir)
+            adaptive = isinstance(self.model, ThresholdSearchModule)
+            self.gate_monitor = (ThresholdMonitor if adaptive else GateMonitor)(self.run_dir)
             extra += [self.gate_monitor,
                       ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1,
                                       every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)]
@@ -199,15 +201,22 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         raise KeyboardInterrupt
 
     data = cli.datamodule.hparams
-    picks, polish = module.discrete_indices(), None
-    if module.hparams.polish_rounds and data.num_val:
-        from agsearch.search.data import PairDataset
+    from agsearch.search.adaptive import ThresholdSearchModule
 
-        batch = PairDataset(data.val_seed, data.num_val).batch(module.device)
-        picks, polish = module.polish(batch, picks, module.hparams.polish_rounds)
-    policy = module.export_policy(picks=picks, polish=polish, seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
-                                  processes=int(trainer.world_size), run_dir=str(cli.run_dir),
-                                  checkpoint=str(cli.run_dir / "checkpoints" / "last.ckpt"))
+    run = dict(seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
+               processes=int(trainer.world_size), run_dir=str(cli.run_dir),
+               checkpoint=str(cli.run_dir / "checkpoints" / "last.ckpt"))
+    if isinstance(module, ThresholdSearchModule):
+        policy = module.export_policy(calibration_seed=int(data.calibration_seed),
+                                      calibration_pairs=int(data.num_calibration), **run)
+    else:
+        picks, polish = module.discrete_indices(), None
+        if module.hparams.polish_rounds and data.num_val:
+            from agsearch.search.data import PairDataset
+
+            batch = PairDataset(data.val_seed, data.num_val).batch(module.device)
+            picks, polish = module.polish(batch, picks, module.hparams.polish_rounds)
+        policy = module.export_policy(picks=picks, polish=polish, **run)
     metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     policy.metrics["search"] = metrics
     records: list[dict] = []
@@ -226,6 +235,16 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         if hasattr(exp, "finish"):
             exp.finish()
     return policy, path, records
+
+
+def describe(policy: Policy) -> str:
+    """One line: a static policy's ops and NFE; an adaptive one's thresholds and calibrated mean NFE."""
+    if policy.kind == "static":
+        return f"{policy.label()}  {policy.ops_string()}  NFE {policy.nfe}"
+    calibration = policy.provenance.get("search", {}).get("calibration", {})
+    thetas = " ".join(f"{policy.threshold_at(i):.4f}" for i in range(policy.num_inference_steps - 1))
+    nfe = f"  mean NFE {calibration['mean_nfe']:.2f} on {calibration['pairs']} calibration pairs" if calibration else ""
+    return f"{policy.label()}  θ_t = {thetas}{nfe}"
 
 
 def eval_metrics(record: dict, seed: int) -> dict:
@@ -250,6 +269,13 @@ def evaluate_against_baselines(module, policy: Policy, samples: int, seed: int, 
         {**evaluator.evaluate(Policy.static(["cfg"] * T, w, name="full CFG")).as_dict(), "role": "teacher"},
         {**evaluator.evaluate(policy).as_dict(), "role": "searched"},
     ]
+    if policy.kind == "adaptive":
+        if baselines:  # AG: one threshold, calibrated to the same budget on the same pairs
+            from agsearch.search.adaptive import calibrated_ag
+
+            ag = calibrated_ag(module, policy)
+            records.append({**evaluator.evaluate(ag).as_dict(), "role": "AG (same calibration)"})
+        return records
     if baselines and policy.nfe is not None and T <= policy.nfe <= 2 * T:
         found = static_baselines(evaluator, T, w, policy.nfe)
         records.append({**found["cutoff"].as_dict(), "role": "cutoff"})
@@ -276,7 +302,7 @@ def search_main(argv: list[str]) -> int:
     if policy is None:
         return 0
     print(f"policy: {path}")
-    print(f"{policy.label()}  {policy.ops_string()}  NFE {policy.nfe}")
+    print(describe(policy))
     if records:
         n, seed = records[0]["samples"], policy.metrics.get("eval", {}).get("seed")
         print(f"held-out comparison, {n} samples (seed {seed}); `agsearch sweep` compares on 1000:")
@@ -299,8 +325,9 @@ def load_checkpoint(path: str | Path):
         raise SearchInputError(f"{path} is a directory, not a checkpoint file") from None
     except Exception as e:  # unpickling refused, truncated or not a checkpoint
         raise SearchInputError(f"{path} is not a readable search checkpoint ({type(e).__name__}: {_one_line(str(e))[:160]})") from None
-    if not isinstance(checkpoint, dict) or "gate_logits" not in checkpoint.get("state_dict", {}):
-        raise SearchInputError(f"{path} is not an agsearch search checkpoint (no gate_logits in its state_dict)")
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    if "gate_logits" not in state and "thresholds_u" not in state:
+        raise SearchInputError(f"{path} is not an agsearch search checkpoint (no gate_logits or thresholds_u in its state_dict)")
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     import inspect
 
@@ -317,16 +344,23 @@ def load_checkpoint(path: str | Path):
 def export_checkpoint(ckpt: str | Path, budget: int | None, out: str | Path, mode: str = "exact") -> Policy:
     """Discretise a checkpoint's gates at ``budget`` (a bad budget is a ValueError from
     ``discretize``, naming the valid range) and save the policy."""
+    from agsearch.search.adaptive import ThresholdSearchModule
+    from agsearch.search.data import CALIBRATION_SEED
+
     module, checkpoint = load_checkpoint(ckpt)
     data = checkpoint.get("datamodule_hyper_parameters", {})
     # Outside a trainer the module's global_step is 0: the checkpoint's counts.
-    policy = module.export_policy(budget, mode, seed=data.get("seed"), checkpoint=str(ckpt),
-                                  train_steps=int(checkpoint.get("global_step", 0)))
+    run = dict(seed=data.get("seed"), checkpoint=str(ckpt), train_steps=int(checkpoint.get("global_step", 0)))
+    if isinstance(module, ThresholdSearchModule):
+        policy = module.export_policy(budget, calibration_seed=int(data.get("calibration_seed", CALIBRATION_SEED)),
+                                      calibration_pairs=int(data.get("num_calibration", 512)), **run)
+    else:
+        policy = module.export_policy(budget, mode, **run)
     policy.save(out)
     return policy
 
 
 def export_main(args) -> int:
     policy = export_checkpoint(args.checkpoint, args.budget, args.out, args.mode)
-    print(f"{args.out}: {policy.label()}  {policy.ops_string()}  NFE {policy.nfe}")
+    print(f"{args.out}: {describe(policy)}")
     return 0

@@ -17,6 +17,7 @@ from agsearch.data import NUM_CLASSES
 from agsearch.evaluation import SEED_STRIDE
 
 SEARCH_SEED = 0  # evaluations use 1 (held out), calibration 2, search validation 3
+CALIBRATION_SEED = 2
 VALIDATION_SEED = 3
 
 
@@ -45,17 +46,21 @@ class GuidancePairs(pl.LightningDataModule):
         batch_size: pairs per step and process (the global batch is batch_size × processes).
         seed: S of the training pairs (noise seeds S·10⁶ + i); evaluations use other seeds.
         val_seed: S of the validation pairs.
+        num_calibration: adaptive spaces: held-out pairs on which the export calibrates the
+            thresholds to the budget (only the teacher runs on them).
+        calibration_seed: S of the calibration pairs.
     """
 
     def __init__(self, num_pairs: int = 256, num_val: int = 64, batch_size: int = 32,
-                 seed: int = SEARCH_SEED, val_seed: int = VALIDATION_SEED):
+                 seed: int = SEARCH_SEED, val_seed: int = VALIDATION_SEED, num_calibration: int = 512,
+                 calibration_seed: int = CALIBRATION_SEED):
         super().__init__()
-        for name, value in (("num_pairs", num_pairs), ("batch_size", batch_size)):
+        for name, value in (("num_pairs", num_pairs), ("batch_size", batch_size), ("num_calibration", num_calibration)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected data.{name} to be a positive integer, but got {value}")
         if not isinstance(num_val, int) or num_val < 0:
             raise ValueError(f"Expected data.num_val to be an integer >= 0, but got {num_val}")
-        for name, value in (("seed", seed), ("val_seed", val_seed)):
+        for name, value in (("seed", seed), ("val_seed", val_seed), ("calibration_seed", calibration_seed)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"Expected data.{name} to be an integer >= 0, but got {value}")
         self.save_hyperparameters()

@@ -159,7 +159,12 @@ class PolicySearchModule(pl.LightningModule):
             the run's scale; ``uniform`` starts at zeros.
         affine_lr: Adam learning rate of the affine coefficients when the space trains them
             (``{op: affine, train: true}``); they start from the space's fit.
+
+    An adaptive space (``kind: adaptive``, e.g. ``adaptive_cosine``) searches per-step thresholds
+    of a per-sample rule instead of gates: constructing this class with one gives a
+    :class:`agsearch.search.adaptive.ThresholdSearchModule`.
     """
+
 
     def __init__(
         self,
@@ -185,6 +190,16 @@ class PolicySearchModule(pl.LightningModule):
         polish_rounds: int = 2,
         affine_lr: float = 1e-3,
     ):
+        if type(self) is PolicySearchModule and _is_adaptive(space):
+            # One entry point for the CLI (whose arguments are this signature): an adaptive space
+            # turns this object into the threshold search, initialised with the same arguments.
+            from agsearch.search.adaptive import ThresholdSearchModule
+
+            self.__class__ = ThresholdSearchModule
+            gate_options = {name: value for name, value in locals().items() if name in _GATE_ONLY}
+            ThresholdSearchModule.__init__(self, space, budget, model, scheduler, num_inference_steps, guidance_scale,
+                                           lr, dual_lr, distance, temperature_start, temperature_end, init, **gate_options)
+            return
         super().__init__()
         settings = _model_settings(model)
         scheduler = scheduler or settings["scheduler"]
@@ -556,6 +571,16 @@ def _affine_coefficients(entry: dict, T: int, guidance_scale: float) -> torch.Te
     document = load_builtin() if source == "builtin" else load_coefficients(source)
     check_matches(document, T, guidance_scale, "builtin" if source == "builtin" else source)
     return torch.tensor([[c[name] for name in REGRESSORS] for c in document["coefficients"]], dtype=torch.float32)
+
+
+_GATE_ONLY = ("trajectory_weight", "entropy_weight", "relaxation", "straight_through", "checkpointing",
+              "discretization", "optimizer", "polish_rounds", "affine_lr")
+
+
+def _is_adaptive(space) -> bool:
+    if isinstance(space, dict):
+        return space.get("kind") == "adaptive"
+    return SearchSpace.load(space).kind == "adaptive"
 
 
 def _check(ok: bool, message: str) -> None:

@@ -15,6 +15,18 @@ A space file (``search_spaces/*.yaml``, shipped in the package as ``agsearch.sea
       kind: gumbel_st                          # or softmax
       temperature: {start: 1.0, end: 0.3, schedule: exponential}   # or linear, constant
 
+An adaptive space (``kind: adaptive``, ``search_spaces/adaptive_cosine.yaml``) searches a per-sample
+rule instead of gates: per-step thresholds θ_t on the agreement γ_t = cos(cond, uncond), CFG while
+γ_t < θ_t and ``cond`` from then on (``agsearch.search.adaptive``)::
+
+    name: adaptive_cosine
+    kind: adaptive
+    rule: {rule: ag_cosine, space: x0}         # γ in x̂_0 space (or eps)
+    ops: [{op: cfg, nfe: 2}, {op: cond, nfe: 1}]   # the only pair the rule can gate
+    relaxation:
+      kind: stopping                           # P(still guiding) = Π σ((θ_s − γ_s)/τ)
+      temperature: {start: 1.0, end: 0.05, schedule: exponential}
+
 ``nfe`` is optional; when given it must match what the op costs. ``affine`` takes its per-step
 coefficients from a ``fit-affine`` file (``coefficients``: a path, or ``builtin`` for the built-in
 model's shipped fit) and keeps them fixed, or trains them jointly with the gates (``train: true``);
@@ -36,7 +48,9 @@ import yaml
 
 from agsearch.policy import OP_NFE
 
-RELAXATIONS = ("softmax", "gumbel_st")
+RELAXATIONS = ("softmax", "gumbel_st")  # static spaces
+ADAPTIVE_RELAXATIONS = ("stopping",)  # adaptive spaces
+RULE_SPACES = ("x0", "eps")
 SCHEDULES = ("exponential", "linear", "constant")
 SEARCH_OPS = ("cfg", "cond", "uncond", "affine")
 
@@ -76,6 +90,8 @@ class SearchSpace:
     relaxation: str = "gumbel_st"
     temperature: Temperature = field(default_factory=Temperature)
     source: str = ""
+    kind: str = "static"  # or "adaptive": a threshold rule, not gates
+    rule: dict | None = None  # adaptive: {"rule": "ag_cosine", "space": "x0"}
 
     # -- resolution -------------------------------------------------------------------------
     def candidates(self, guidance_scale: float) -> list[dict]:
@@ -111,11 +127,12 @@ class SearchSpace:
         return next((dict(e) for e in self.ops if e["op"] == "affine"), None)
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "ops": [dict(op) for op in self.ops],
-            "relaxation": {"kind": self.relaxation, "temperature": dict(self.temperature.__dict__)},
-        }
+        document = {"name": self.name}
+        if self.kind == "adaptive":
+            document.update(kind="adaptive", rule=dict(self.rule))
+        document.update(ops=[dict(op) for op in self.ops],
+                        relaxation={"kind": self.relaxation, "temperature": dict(self.temperature.__dict__)})
+        return document
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
@@ -123,9 +140,21 @@ class SearchSpace:
         where = f"{source}: "
         if not isinstance(document, dict):
             raise SpaceError(f"{where}a search space is a mapping with 'ops', got {type(document).__name__}")
-        unknown = set(document) - {"name", "ops", "relaxation", "description"}
+        unknown = set(document) - {"name", "kind", "rule", "ops", "relaxation", "description"}
         if unknown:
-            raise SpaceError(f"{where}unknown key {sorted(unknown)[0]!r} (expected name, ops, relaxation)")
+            raise SpaceError(f"{where}unknown key {sorted(unknown)[0]!r} (expected name, kind, rule, ops, relaxation)")
+        kind = document.get("kind", "static")
+        if kind not in ("static", "adaptive"):
+            raise SpaceError(f"{where}kind: expected static or adaptive, got {kind!r}")
+        rule = document.get("rule")
+        if kind == "static" and rule is not None:
+            raise SpaceError(f"{where}'rule' belongs to an adaptive space (kind: adaptive)")
+        if kind == "adaptive":
+            rule = {"rule": "ag_cosine", "space": "x0"} if rule is None else rule
+            if not isinstance(rule, dict) or set(rule) - {"rule", "space"} or rule.get("rule", "ag_cosine") != "ag_cosine" \
+                    or rule.get("space", "x0") not in RULE_SPACES:
+                raise SpaceError(f"{where}rule: expected {{rule: ag_cosine, space: x0 or eps}}, got {rule!r}")
+            rule = {"rule": "ag_cosine", "space": rule.get("space", "x0")}
         ops = document.get("ops")
         if not isinstance(ops, list) or not ops:
             raise SpaceError(f"{where}'ops' must be a non-empty list, got {ops!r}")
@@ -159,14 +188,19 @@ class SearchSpace:
                     raise SpaceError(f"{at}'coefficients' must be 'builtin' or a fit-affine JSON path, got {entry['coefficients']!r}")
             checked.append(dict(entry))
         names = [e["op"] for e in checked]
+        if kind == "adaptive" and (sorted(names) != ["cfg", "cond"] or any(set(e) - {"op", "nfe"} for e in checked)):
+            raise SpaceError(f"{where}an adaptive space gates CFG at the run's scale against cond and nothing else: "
+                             f"its ops must be [cfg, cond] without scales, got {[_short_op(e) for e in checked]}")
         if names.count("affine") > 1:
             raise SpaceError(f"{where}at most one 'affine' op per space, got {names.count('affine')}")
         relaxation = document.get("relaxation", {}) or {}
         if not isinstance(relaxation, dict):
             raise SpaceError(f"{where}'relaxation' must be a mapping, got {relaxation!r}")
-        kind = relaxation.get("kind", "gumbel_st")
-        if kind not in RELAXATIONS:
-            raise SpaceError(f"{where}relaxation.kind: expected one of {', '.join(RELAXATIONS)}, got {kind!r}")
+        allowed_relaxations = ADAPTIVE_RELAXATIONS if kind == "adaptive" else RELAXATIONS
+        relax = relaxation.get("kind", allowed_relaxations[-1])
+        if relax not in allowed_relaxations:
+            raise SpaceError(f"{where}relaxation.kind: expected one of {', '.join(allowed_relaxations)} for a {kind} "
+                             f"space, got {relax!r}")
         temp = relaxation.get("temperature", {}) or {}
         if not isinstance(temp, dict) or set(temp) - {"start", "end", "schedule"}:
             raise SpaceError(f"{where}relaxation.temperature: expected start, end, schedule; got {temp!r}")
@@ -174,7 +208,7 @@ class SearchSpace:
             temperature = Temperature(**temp)
         except SpaceError as e:
             raise SpaceError(f"{where}relaxation.temperature: {e}") from None
-        space = cls(str(document.get("name", Path(source).stem)), tuple(checked), kind, temperature, source)
+        space = cls(str(document.get("name", Path(source).stem)), tuple(checked), relax, temperature, source, kind, rule)
         if len(space.candidates(2.0)) < 2:
             raise SpaceError(f"{where}a space needs at least two candidate ops to choose from, got {names}")
         return space
@@ -193,6 +227,10 @@ class SearchSpace:
             at = f" at line {mark.line + 1}" if mark is not None else ""
             raise SpaceError(f"{source}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
         return cls.from_dict(document, source)
+
+
+def _short_op(entry: dict) -> str:
+    return entry["op"] if set(entry) <= {"op", "nfe"} else str({k: v for k, v in entry.items() if k != "nfe"})
 
 
 def builtin_spaces() -> list[str]:

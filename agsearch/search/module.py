@@ -134,10 +134,18 @@ class PolicySearchModule(pl.LightningModule):
             YAML file (see ``search_spaces/``).
         budget: target NFE per sample, an integer in [T · min cost, T · max cost] (e.g. 25–50
             for T = 25 with ``cfg`` and ``cond``).
-        model: the frozen model; ``digits`` is the built-in one.
-        scheduler: ``ddim``, ``euler`` or ``dpm++``; default the model's benchmark setting.
-        num_inference_steps: T; default the model's benchmark setting.
-        guidance_scale: the teacher's scale w; default the model's benchmark setting.
+        model: the frozen model: ``digits`` (the built-in one) or ``pipeline`` (the folder given as
+            ``pipeline``; giving ``pipeline`` selects it).
+        pipeline: a local diffusers Stable Diffusion 1.x/2.x or 3 pipeline folder
+            (``save_pretrained`` layout, nothing is downloaded); needs ``prompts``. The teacher is
+            the pipeline's own full-CFG call from the same noise (``TextPipelineBackend``).
+        prompts: the pipeline's prompt file: one prompt per line, or JSON Lines with ``prompt`` and
+            ``negative_prompt`` (used for the unconditional pass); pair i uses prompt i mod N.
+        scheduler: ``ddim``, ``euler`` or ``dpm++``; default the model's benchmark setting (for a
+            pipeline: its own scheduler).
+        num_inference_steps: T; default the model's benchmark setting (for a pipeline: 25).
+        guidance_scale: the teacher's scale w; default the model's benchmark setting (for a
+            pipeline: its ``__call__`` default, 7.5 for SD 1.x/2.x, 7.0 for SD3).
         lr: Adam learning rate of the gate logits.
         dual_lr: ρ, the dual-ascent step of λ per unit of (E[NFE] − B) / T.
         distance: ``mse`` or ``l1`` between final samples.
@@ -166,6 +174,8 @@ class PolicySearchModule(pl.LightningModule):
         space: str | dict = "cfg_scales",
         budget: int = 35,
         model: str = "digits",
+        pipeline: str | None = None,
+        prompts: str | None = None,
         scheduler: str | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -186,7 +196,9 @@ class PolicySearchModule(pl.LightningModule):
         affine_lr: float = 1e-3,
     ):
         super().__init__()
-        settings = _model_settings(model)
+        if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
+            model = "pipeline"
+        settings = _model_settings(model, pipeline, prompts)
         scheduler = scheduler or settings["scheduler"]
         num_inference_steps = num_inference_steps or settings["num_inference_steps"]
         guidance_scale = float(guidance_scale if guidance_scale is not None else settings["guidance_scale"])
@@ -226,7 +238,7 @@ class PolicySearchModule(pl.LightningModule):
         _check(init in INITS, f"Expected model.init in {INITS}, but got {init!r}")
         self.save_hyperparameters()
         # The resolved run settings and space travel in the checkpoint, so export needs no files.
-        self.hparams.update(scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
+        self.hparams.update(model=model, scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
                             space_spec=self.space.to_dict())
 
         # α (T, K): the trainable parameters (with the affine coefficients where the space trains them).
@@ -240,7 +252,7 @@ class PolicySearchModule(pl.LightningModule):
             self.register_parameter("affine_coef", None)
         self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
-        self.backend = load_backend(model, scheduler)  # frozen, not a submodule: not in checkpoints
+        self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.search_seconds = 0.0
         self._fit_started: float | None = None
@@ -388,7 +400,7 @@ class PolicySearchModule(pl.LightningModule):
         return Policy.static(
             steps, self.guidance_scale, name=f"searched-{self.space.name}-{nfe}",
             provenance={
-                "model": self.hparams.model,
+                **backend.provenance(),  # "model" (and for a pipeline its folder and prompt file)
                 "scheduler": type(backend.scheduler).__name__,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale,
@@ -563,11 +575,19 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _model_settings(model: str) -> dict:
+def _model_settings(model: str, pipeline: str | None = None, prompts: str | None = None) -> dict:
+    if model != "pipeline" and prompts is not None:
+        raise ValueError(f"model.prompts={prompts} needs model.pipeline=DIR (the text-to-image pipeline they prompt)")
     if model == "digits":
         from agsearch.models.digits import benchmark_settings
 
         return benchmark_settings()
+    if model == "pipeline":
+        from agsearch.search.backends import pipeline_settings
+
+        if pipeline is None:
+            raise ValueError("model.model=pipeline needs model.pipeline=DIR (a local diffusers pipeline folder)")
+        return pipeline_settings(pipeline, prompts)
     from agsearch.search.backends import MODELS
 
     raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")

@@ -76,6 +76,11 @@ def test_search_on_a_pipeline_folder_writes_the_policy(files, tmp_path, capsys, 
     assert "MSE of the final latents to full CFG" in stdout and "cutoff-2/4" in stdout and "accuracy" not in stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "gates.json").is_file()
+    # The checkpoint re-discretises at another budget; the pipeline's provenance comes with it.
+    code, _, err = run(capsys, "export", run_dir / "checkpoints" / "last.ckpt", "--budget", 5, "--out", tmp_path / "p5.json")
+    assert code == 0, err
+    exported = Policy.load(tmp_path / "p5.json")
+    assert exported.nfe == 5 and exported.provenance["pipeline"] == provenance["pipeline"]
 
 
 @pytest.mark.parametrize("name", ["sd", "sd3"])

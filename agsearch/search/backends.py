@@ -160,14 +160,18 @@ def _quiet_loading():
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error(), transformers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar(), transformers_logging.disable_progress_bar()
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(levels[0]), transformers_logging.set_verbosity(levels[1])
-        diffusers_logging.enable_progress_bar(), transformers_logging.enable_progress_bar()
+        for lib, (level, bars) in zip(libraries, saved):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def load_backend(model: str, scheduler: str | None, pipeline: str | None = None, prompts: str | None = None):

@@ -170,10 +170,14 @@ def format_table(records: list[EvalRecord | dict], markdown: bool = True) -> str
     """A table of evaluation records, one row per policy."""
     rows = [r.as_dict() if isinstance(r, EvalRecord) else r for r in records]
     header = ["policy", "NFE", "accuracy %", "MSE vs CFG", "PSNR dB", "FD", "seconds"]
+    # Records without accuracy, PSNR or FD (a text-to-image search's comparison) show "-" there.
     body = [[
-        r["name"], f"{r['nfe']:.2f}", f"{100 * r['accuracy']:.1f}", f"{r['mse']:.5f}",
-        "inf" if r["psnr"] is None else f"{r['psnr']:.1f}", f"{r['fd']:.3f}", f"{r['seconds']:.2f}",
+        r["name"], f"{r['nfe']:.2f}", f"{100 * r['accuracy']:.1f}" if "accuracy" in r else "-", f"{r['mse']:.5f}",
+        "-" if "psnr" not in r else "inf" if r["psnr"] is None else f"{r['psnr']:.1f}",
+        f"{r['fd']:.3f}" if "fd" in r else "-", f"{r['seconds']:.2f}",
     ] for r in rows]
+    keep = [j for j in range(len(header)) if any(row[j] != "-" for row in body)]
+    header, body = [header[j] for j in keep], [[row[j] for j in keep] for row in body]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in body]

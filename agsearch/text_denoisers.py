@@ -24,6 +24,21 @@ class TextCondition:
     pooled: torch.Tensor | None = None  # (B, P) SD3's pooled CLIP embeddings
     negative_pooled: torch.Tensor | None = None  # (B, P)
 
+    def __getitem__(self, index) -> "TextCondition":
+        """Rows ``index`` (a tensor of indices or a mask) of every embedding: the conditions of a
+        sub-batch, e.g. the prompts of the search's pairs."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return TextCondition(pick(self.prompt_embeds), pick(self.negative_prompt_embeds),
+                             pick(self.pooled), pick(self.negative_pooled))
+
+    def __len__(self) -> int:
+        return len(self.prompt_embeds)
+
+    def to(self, device) -> "TextCondition":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TextCondition(move(self.prompt_embeds), move(self.negative_prompt_embeds),
+                             move(self.pooled), move(self.negative_pooled))
+
     @classmethod
     def from_pipeline(cls, pipe, prompts: list[str], negative_prompts: list[str] | None = None) -> "TextCondition":
         """Encode ``prompts`` with the pipeline's own text encoders (SD 1.x/2.x or SD3)."""

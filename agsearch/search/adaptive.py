@@ -89,9 +89,12 @@ def teacher_gamma(denoiser, scheduler, noise, cond, num_steps: int, guidance_sca
 
 @torch.no_grad()
 def tabulate(denoiser, scheduler, noise, cond, num_steps: int, guidance_scale: float, space: str = "x0",
-             distance: str = "mse") -> Outcomes:
+             distance: str = "mse", progress: bool | None = None) -> Outcomes:
     """γ and the distance of every stopping step for each pair, from one teacher trajectory and its
-    T − 1 ``cond`` continuations (per sample distances: mean over elements, ``mse`` or ``l1``)."""
+    T − 1 ``cond`` continuations (per sample distances: mean over elements, ``mse`` or ``l1``).
+    ``progress``: a bar over the continuations (None: only on a terminal)."""
+    from tqdm.auto import tqdm
+
     T = num_steps
     paused: dict[int, Resume] = {}
 
@@ -104,7 +107,8 @@ def tabulate(denoiser, scheduler, noise, cond, num_steps: int, guidance_scale: f
     gamma = (teacher.cosine_x0 if space == "x0" else teacher.cosine_eps).T.contiguous()
     cond_only = Policy.static(["cond"] * T, guidance_scale)
     table = torch.zeros(len(noise), T, dtype=torch.float64, device=noise.device)
-    for k in range(1, T):  # guide k steps (0 … k − 1), then cond from step k
+    bar = tqdm(range(1, T), desc=f"tabulating {len(noise)} pairs", unit="stop", leave=False, disable=None if progress is None else not progress)
+    for k in bar:  # guide k steps (0 … k − 1), then cond from step k
         final = sample(denoiser, scheduler, cond_only, noise, cond, resume=paused[k]).samples
         diff = (final - teacher.samples).flatten(1).double()
         table[:, k - 1] = diff.pow(2).mean(1) if distance == "mse" else diff.abs().mean(1)
@@ -185,7 +189,7 @@ class ThresholdSearchModule(pl.LightningModule):
     """
 
     def __init__(self, space: str | dict = "adaptive_cosine", budget: int = 40, model: str = "digits",
-                 scheduler: str | None = None, num_inference_steps: int | None = None,
+                 pipeline: str | None = None, prompts: str | None = None, scheduler: str | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, lr: float = 0.1, dual_lr: float = 2.0, distance: str = "mse",
                  temperature_start: float | None = None, temperature_end: float | None = None, init: str = "budget",
                  **gate_options):
@@ -193,7 +197,9 @@ class ThresholdSearchModule(pl.LightningModule):
         from agsearch.search.module import DISTANCES, _check, _model_settings
         from agsearch.search.space import SearchSpace, SpaceError, Temperature
 
-        settings = _model_settings(model)
+        if pipeline is not None and model == "digits":  # as PolicySearchModule: a pipeline folder selects it
+            model = "pipeline"
+        settings = _model_settings(model, pipeline, prompts)
         scheduler = scheduler or settings["scheduler"]
         T = num_inference_steps or settings["num_inference_steps"]
         guidance_scale = float(guidance_scale if guidance_scale is not None else settings["guidance_scale"])
@@ -220,7 +226,7 @@ class ThresholdSearchModule(pl.LightningModule):
         _check(distance in DISTANCES, f"Expected model.distance in {DISTANCES}, but got {distance!r}")
         _check(init in ("budget", "teacher", "uniform"), f"Expected model.init in ('budget', 'teacher', 'uniform'), but got {init!r}")
         self.save_hyperparameters()
-        self.hparams.update(scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
+        self.hparams.update(model=model, scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
                             space_spec=self.space.to_dict())
         # u(θ_t): "budget" starts at AG calibrated to the budget on the first batch; "teacher" never
         # stops (θ = 1); "uniform" at θ = 0.9.
@@ -229,7 +235,7 @@ class ThresholdSearchModule(pl.LightningModule):
         self.register_buffer("dual", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_scale", torch.zeros((), dtype=torch.float64))
         self.register_buffer("initialised", torch.tensor(init != "budget"))
-        self.backend = load_backend(model, scheduler)  # frozen, not a submodule: not in checkpoints
+        self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._calibration: dict[tuple[int, int], torch.Tensor] = {}
         self.search_seconds = 0.0
@@ -285,7 +291,7 @@ class ThresholdSearchModule(pl.LightningModule):
         key = (int(seed), int(pairs))
         if key not in self._calibration:
             self._on_device()
-            batch = PairDataset(seed, pairs).batch(self.device)
+            batch = PairDataset(seed, pairs, self.backend.num_conditions).batch(self.device)
             noise = self.backend.noise(batch["seed"], self.device)
             _, gamma = teacher_gamma(self.backend.denoiser, self.backend.scheduler, noise,
                                      self.backend.condition(batch["label"]), self.num_inference_steps,
@@ -397,7 +403,7 @@ class ThresholdSearchModule(pl.LightningModule):
         }
         return Policy.adaptive(
             T, self.guidance_scale, thresholds, self.rule_space, name=f"searched-{self.space.name}-{budget}",
-            provenance={"model": self.hparams.model, "scheduler": type(self.backend.scheduler).__name__,
+            provenance={**self.backend.provenance(), "scheduler": type(self.backend.scheduler).__name__,
                         "num_inference_steps": T, "guidance_scale": self.guidance_scale, "search": search},
         )
 

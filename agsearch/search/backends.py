@@ -1,19 +1,28 @@
 """Frozen model backends the search trains against: a denoiser behind the ``sampling.Denoiser``
-contract, a scheduler, and per-sample seeded noise. Kept outside the LightningModule's
-submodules, so checkpoints hold the gates and never the model weights.
+contract, a scheduler, per-sample seeded noise and the conditions pair i draws from
+(``num_conditions``; pair i uses condition i mod ``num_conditions``). Kept outside the
+LightningModule's submodules, so checkpoints hold the gates and never the model weights.
+
+Two backends: the built-in digits UNet (``model="digits"``, 10 class labels) and a local
+diffusers text-to-image pipeline folder with a prompt file (``TextPipelineBackend``: Stable
+Diffusion 1.x/2.x and 3; one condition per prompt).
 """
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import torch
 import torch.utils.checkpoint
 
-from agsearch.data import IMAGE_SHAPE, NULL_CLASS
+from agsearch.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
 from agsearch.denoisers import ClassConditionalDenoiser
 from agsearch.evaluation import make_noise
 from agsearch.schedulers import make_scheduler
 
-MODELS = ("digits",)
+MODELS = ("digits", "pipeline")  # "pipeline": the folder given as ``pipeline``
+SEARCH_STEPS = 25  # T of a pipeline search unless given: a 25-step teacher costs 50 NFE per pair
 
 
 class CheckpointedDenoiser:
@@ -36,6 +45,8 @@ class CheckpointedDenoiser:
 class DigitsBackend:
     """The built-in class-conditional digits UNet (``agsearch.models.digits``)."""
 
+    num_conditions = NUM_CLASSES
+
     def __init__(self, scheduler: str = "ddim", unet=None):
         from agsearch.models.digits import SCHEDULER_CONFIG, load_unet
 
@@ -53,8 +64,119 @@ class DigitsBackend:
     def condition(self, labels: torch.Tensor) -> torch.Tensor:
         return labels
 
+    def provenance(self) -> dict:
+        return {"model": "digits"}
 
-def load_backend(model: str, scheduler: str):
+
+def pipeline_settings(pipeline: str, prompts: str | None) -> dict:
+    """Check a pipeline folder and prompt file cheaply (before loading any weights) and return the
+    run defaults: the pipeline's own scheduler (``None``), ``SEARCH_STEPS`` steps and the guidance
+    scale of the pipeline class's ``__call__`` (7.5 for SD 1.x/2.x, 7.0 for SD3)."""
+    import inspect
+
+    import diffusers
+
+    from agsearch.generate import pipeline_class, read_prompts
+
+    if prompts is None:
+        raise ValueError(f"model.pipeline={pipeline} needs model.prompts=FILE (one prompt per line, or JSON Lines)")
+    name = pipeline_class(pipeline)  # the folder exists and names a class apply_policy supports
+    if name not in TextPipelineBackend.SUPPORTED:
+        raise ValueError(f"pipeline class {name!r} in {pipeline} is not supported by the search "
+                         f"(its UNet needs SDXL's added text-time conditioning); supported: "
+                         f"{', '.join(TextPipelineBackend.SUPPORTED)}")
+    read_prompts(prompts)  # empty or malformed files fail here, with the line
+    scale = inspect.signature(getattr(diffusers, name).__call__).parameters["guidance_scale"].default
+    return {"scheduler": None, "num_inference_steps": SEARCH_STEPS, "guidance_scale": float(scale)}
+
+
+class TextPipelineBackend:
+    """A local diffusers text-to-image pipeline folder and a prompt file.
+
+    The pipeline is loaded with ``local_files_only`` (nothing is downloaded); its prompts are
+    encoded once by its own text encoders, which are then dropped with the VAE: the search keeps
+    the frozen denoiser (``unet``, or SD3's ``transformer``), the scheduler and the embeddings
+    (``agsearch.text_denoisers``). The unconditional pass uses each prompt's negative prompt (the
+    empty prompt when it has none). Noise for seed s is ``torch.randn((C, h, w), generator=
+    torch.Generator().manual_seed(s))`` of the pipeline's default latent shape — the latents the
+    pipeline itself draws for ``generator=torch.Generator().manual_seed(s)`` — so the teacher is
+    the pipeline's own full-CFG call.
+
+    Args:
+        pipeline: the folder (``save_pretrained`` layout) of a StableDiffusionPipeline or a
+            StableDiffusion3Pipeline.
+        prompts: one prompt per line, or JSON Lines with ``prompt`` and ``negative_prompt``
+            (``agsearch.generate.read_prompts``).
+        scheduler: ``None`` for the pipeline's own scheduler, or ``ddim``/``euler``/``dpm++``
+            built from its config (SD 1.x/2.x only; SD3 is flow matching).
+    """
+
+    SUPPORTED = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
+
+    def __init__(self, pipeline: str, prompts: str, scheduler: str | None = None):
+        from agsearch.generate import load_pipeline, pipeline_class, read_prompts
+        from agsearch.text_denoisers import TextCondition, denoiser_for
+
+        self.folder, self.prompt_file = Path(pipeline), Path(prompts)
+        self.class_name = pipeline_class(pipeline)
+        self.prompts = read_prompts(prompts)
+        if scheduler is not None and self.class_name == "StableDiffusion3Pipeline":
+            raise ValueError(f"model.scheduler={scheduler!r}: a flow-matching pipeline ({self.class_name}) "
+                             "runs its own scheduler; leave model.scheduler unset")
+        with _quiet_loading():
+            pipe = load_pipeline(pipeline)  # fp32 on the CPU; Lightning moves it and autocasts
+        self.scheduler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, dict(pipe.scheduler.config))
+        self.cond = TextCondition.from_pipeline(pipe, [p.prompt for p in self.prompts],
+                                                [p.negative_prompt or "" for p in self.prompts])
+        self.denoiser = denoiser_for(pipe)
+        # The module's device check reads ``unet``: the frozen denoiser, UNet or SD3 transformer.
+        self.unet = (pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).requires_grad_(False).eval()
+        side = self.unet.config.sample_size  # the pipeline's default height // vae_scale_factor
+        self.latent_shape = (self.unet.config.in_channels, side, side)
+        self.num_conditions = len(self.prompts)
+
+    def to(self, device) -> "TextPipelineBackend":
+        self.unet.to(device)
+        self.cond = self.cond.to(device)
+        return self
+
+    def noise(self, seeds: torch.Tensor, device) -> torch.Tensor:
+        return make_noise([int(s) for s in seeds], self.latent_shape, device)
+
+    def condition(self, labels: torch.Tensor):
+        """The embeddings of prompts ``labels`` (B,) as one ``TextCondition`` of batch B."""
+        return self.cond[labels.to(self.cond.prompt_embeds.device)]
+
+    def provenance(self) -> dict:
+        return {"model": str(self.folder.resolve()),
+                "pipeline": {"folder": str(self.folder.resolve()), "class": self.class_name,
+                             "prompts": str(self.prompt_file.resolve()), "num_prompts": len(self.prompts),
+                             "negative_prompts": sum(bool(p.negative_prompt) for p in self.prompts)}}
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No progress bars or advice while diffusers and transformers load a local pipeline."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, (level, bars) in zip(libraries, saved):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def load_backend(model: str, scheduler: str | None, pipeline: str | None = None, prompts: str | None = None):
     if model == "digits":
         return DigitsBackend(scheduler)
+    if model == "pipeline":
+        return TextPipelineBackend(pipeline, prompts, scheduler)
     raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")

@@ -8,6 +8,14 @@ at the same NFE. ``--config FILE`` and dotted overrides (``--model.budget=33``,
 configuration. Every run gets a directory ``<trainer.default_root_dir>/<space>-b<budget>-<time>``
 holding ``config.yaml``, ``checkpoints/last.ckpt``, ``gates.json``/``gates.png``, the W&B
 offline run and ``policy.json``. ``--ckpt_path CKPT`` resumes a run in its own directory.
+
+On a local diffusers pipeline (``--model.pipeline=DIR --model.prompts=FILE``, Stable Diffusion
+1.x/2.x or 3) the teacher is the pipeline's full CFG from the same noise and prompt; the
+provenance names the folder and the prompt file, and the final comparison is full CFG, the
+searched policy and the cutoff at its NFE by MSE of the final latents to full CFG on held-out
+pairs (the digits baselines need the digits classifier). Bad input — a missing folder, an
+unsupported pipeline class, an empty or malformed prompt file — is one line and exit code 2,
+before the run directory is created.
 """
 
 from __future__ import annotations
@@ -76,7 +84,6 @@ def _cli_class():
         def before_instantiate_classes(self) -> None:
             config = self.config
             self.run_dir = _run_dir(config)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             import os
 
             os.environ["AGSEARCH_RUN_DIR"] = str(self.run_dir)
@@ -88,6 +95,8 @@ def _cli_class():
             from agsearch.search.callbacks import GateMonitor, ThresholdMonitor
 
             config = self.config
+            # Made only now that the model and data were built: bad input leaves no directory.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
             trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
             trainer_config["default_root_dir"] = str(self.run_dir)
@@ -214,7 +223,7 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         if module.hparams.polish_rounds and data.num_val:
             from agsearch.search.data import PairDataset
 
-            batch = PairDataset(data.val_seed, data.num_val).batch(module.device)
+            batch = PairDataset(data.val_seed, data.num_val, module.backend.num_conditions).batch(module.device)
             picks, polish = module.polish(batch, picks, module.hparams.polish_rounds)
         policy = module.export_policy(picks=picks, polish=polish, **run)
     metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -249,16 +258,20 @@ def describe(policy: Policy) -> str:
 
 def eval_metrics(record: dict, seed: int) -> dict:
     """The held-out metrics a policy file keeps, from an evaluation record."""
-    return {**{k: record[k] for k in ("nfe", "accuracy", "mse", "psnr", "fd", "samples")}, "seed": seed}
+    keys = ("nfe", "accuracy", "mse", "psnr", "fd", "samples")  # a pipeline's records: no accuracy, PSNR, FD
+    return {**{k: record[k] for k in keys if k in record}, "seed": seed}
 
 
 def evaluate_against_baselines(module, policy: Policy, samples: int, seed: int, batch_size: int,
                                baselines: bool, progress: bool) -> list[dict]:
     """Held-out records of full CFG, the searched policy and (for cfg/cond NFE) the cutoff and
-    the best guidance interval at the same NFE."""
+    the best guidance interval at the same NFE; on a pipeline, full CFG, the searched policy and
+    the cutoff by MSE to full CFG (``compare.pipeline_comparison``)."""
     from agsearch.evaluation import DigitsEvaluator
-    from agsearch.search.compare import static_baselines
+    from agsearch.search.compare import pipeline_comparison, static_baselines
 
+    if module.hparams.model == "pipeline":
+        return pipeline_comparison(module, policy, samples, seed, batch_size)
     if module.hparams.model != "digits":
         return []
     evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=module.hparams.scheduler,
@@ -305,7 +318,10 @@ def search_main(argv: list[str]) -> int:
     print(describe(policy))
     if records:
         n, seed = records[0]["samples"], policy.metrics.get("eval", {}).get("seed")
-        print(f"held-out comparison, {n} samples (seed {seed}); `agsearch sweep` compares on 1000:")
+        if "accuracy" in records[0]:
+            print(f"held-out comparison, {n} samples (seed {seed}); `agsearch sweep` compares on 1000:")
+        else:
+            print(f"held-out comparison, {n} samples (seed {seed}); MSE of the final latents to full CFG:")
         print(format_table(records, markdown=False))
     return 0
 

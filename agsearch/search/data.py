@@ -1,7 +1,8 @@
 """(noise seed, condition) pairs for the search: the LightningDataModule that feeds it.
 
-Pair i of a set with seed S has noise seed S·10⁶ + i (as in ``agsearch.evaluation``) and class
-label i mod 10. The training set is fixed — like the Adaptive Guidance paper's 10k noise–prompt
+Pair i of a set with seed S has noise seed S·10⁶ + i (as in ``agsearch.evaluation``) and
+condition i mod N, N the backend's ``num_conditions``: the class label for the built-in digits
+model (N = 10), the prompt's line for a text-to-image pipeline (N prompts). The training set is fixed — like the Adaptive Guidance paper's 10k noise–prompt
 pairs — so the teacher's full-CFG samples are computed once per pair and cached. The order is
 sequential; under DDP rank r takes the pairs r, r + W, …, so W processes with per-process batch
 b see exactly the pairs one process sees with batch W·b.
@@ -22,23 +23,23 @@ VALIDATION_SEED = 3
 
 
 class PairDataset(Dataset):
-    def __init__(self, seed: int, size: int):
-        self.seed, self.size = seed, size
+    def __init__(self, seed: int, size: int, num_conditions: int = NUM_CLASSES):
+        self.seed, self.size, self.num_conditions = seed, size, num_conditions
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: int) -> dict:
-        return {"seed": torch.tensor(self.seed * SEED_STRIDE + i), "label": torch.tensor(i % NUM_CLASSES)}
+        return {"seed": torch.tensor(self.seed * SEED_STRIDE + i), "label": torch.tensor(i % self.num_conditions)}
 
     def batch(self, device="cpu") -> dict:
         """All pairs as one batch: {"seed": (N,), "label": (N,)}."""
         i = torch.arange(self.size)
-        return {"seed": (self.seed * SEED_STRIDE + i).to(device), "label": (i % NUM_CLASSES).to(device)}
+        return {"seed": (self.seed * SEED_STRIDE + i).to(device), "label": (i % self.num_conditions).to(device)}
 
 
 class GuidancePairs(pl.LightningDataModule):
-    """Seeds and class labels for the search and its validation.
+    """Seeds and conditions (class labels or prompt indices) for the search and its validation.
 
     Args:
         num_pairs: training pairs (one epoch); the teacher is sampled once per pair.
@@ -74,8 +75,15 @@ class GuidancePairs(pl.LightningDataModule):
                                          rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
+    def _num_conditions(self) -> int:
+        """N of the model being searched (its backend's ``num_conditions``); 10 without one."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return int(getattr(getattr(module, "backend", None), "num_conditions", NUM_CLASSES))
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(PairDataset(self.hparams.seed, self.hparams.num_pairs), self.hparams.batch_size)
+        return self._loader(PairDataset(self.hparams.seed, self.hparams.num_pairs, self._num_conditions()),
+                            self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(PairDataset(self.hparams.val_seed, self.hparams.num_val), max(1, self.hparams.num_val))
+        return self._loader(PairDataset(self.hparams.val_seed, self.hparams.num_val, self._num_conditions()),
+                            max(1, self.hparams.num_val))

@@ -134,10 +134,18 @@ class PolicySearchModule(pl.LightningModule):
             YAML file (see ``search_spaces/``).
         budget: target NFE per sample, an integer in [T · min cost, T · max cost] (e.g. 25–50
             for T = 25 with ``cfg`` and ``cond``).
-        model: the frozen model; ``digits`` is the built-in one.
-        scheduler: ``ddim``, ``euler`` or ``dpm++``; default the model's benchmark setting.
-        num_inference_steps: T; default the model's benchmark setting.
-        guidance_scale: the teacher's scale w; default the model's benchmark setting.
+        model: the frozen model: ``digits`` (the built-in one) or ``pipeline`` (the folder given as
+            ``pipeline``; giving ``pipeline`` selects it).
+        pipeline: a local diffusers Stable Diffusion 1.x/2.x or 3 pipeline folder
+            (``save_pretrained`` layout, nothing is downloaded); needs ``prompts``. The teacher is
+            the pipeline's own full-CFG call from the same noise (``TextPipelineBackend``).
+        prompts: the pipeline's prompt file: one prompt per line, or JSON Lines with ``prompt`` and
+            ``negative_prompt`` (used for the unconditional pass); pair i uses prompt i mod N.
+        scheduler: ``ddim``, ``euler`` or ``dpm++``; default the model's benchmark setting (for a
+            pipeline: its own scheduler).
+        num_inference_steps: T; default the model's benchmark setting (for a pipeline: 25).
+        guidance_scale: the teacher's scale w; default the model's benchmark setting (for a
+            pipeline: its ``__call__`` default, 7.5 for SD 1.x/2.x, 7.0 for SD3).
         lr: Adam learning rate of the gate logits.
         dual_lr: ρ, the dual-ascent step of λ per unit of (E[NFE] − B) / T.
         distance: ``mse`` or ``l1`` between final samples.
@@ -171,6 +179,8 @@ class PolicySearchModule(pl.LightningModule):
         space: str | dict = "cfg_scales",
         budget: int = 35,
         model: str = "digits",
+        pipeline: str | None = None,
+        prompts: str | None = None,
         scheduler: str | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -197,11 +207,16 @@ class PolicySearchModule(pl.LightningModule):
 
             self.__class__ = ThresholdSearchModule
             gate_options = {name: value for name, value in locals().items() if name in _GATE_ONLY}
-            ThresholdSearchModule.__init__(self, space, budget, model, scheduler, num_inference_steps, guidance_scale,
-                                           lr, dual_lr, distance, temperature_start, temperature_end, init, **gate_options)
+            ThresholdSearchModule.__init__(
+                self, space=space, budget=budget, model=model, pipeline=pipeline, prompts=prompts, scheduler=scheduler,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, lr=lr, dual_lr=dual_lr,
+                distance=distance, temperature_start=temperature_start, temperature_end=temperature_end, init=init,
+                **gate_options)
             return
         super().__init__()
-        settings = _model_settings(model)
+        if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
+            model = "pipeline"
+        settings = _model_settings(model, pipeline, prompts)
         scheduler = scheduler or settings["scheduler"]
         num_inference_steps = num_inference_steps or settings["num_inference_steps"]
         guidance_scale = float(guidance_scale if guidance_scale is not None else settings["guidance_scale"])
@@ -241,7 +256,7 @@ class PolicySearchModule(pl.LightningModule):
         _check(init in INITS, f"Expected model.init in {INITS}, but got {init!r}")
         self.save_hyperparameters()
         # The resolved run settings and space travel in the checkpoint, so export needs no files.
-        self.hparams.update(scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
+        self.hparams.update(model=model, scheduler=scheduler, num_inference_steps=T, guidance_scale=guidance_scale,
                             space_spec=self.space.to_dict())
 
         # α (T, K): the trainable parameters (with the affine coefficients where the space trains them).
@@ -255,7 +270,7 @@ class PolicySearchModule(pl.LightningModule):
             self.register_parameter("affine_coef", None)
         self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
-        self.backend = load_backend(model, scheduler)  # frozen, not a submodule: not in checkpoints
+        self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.search_seconds = 0.0
         self._fit_started: float | None = None
@@ -403,7 +418,7 @@ class PolicySearchModule(pl.LightningModule):
         return Policy.static(
             steps, self.guidance_scale, name=f"searched-{self.space.name}-{nfe}",
             provenance={
-                "model": self.hparams.model,
+                **backend.provenance(),  # "model" (and for a pipeline its folder and prompt file)
                 "scheduler": type(backend.scheduler).__name__,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale,
@@ -588,11 +603,19 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _model_settings(model: str) -> dict:
+def _model_settings(model: str, pipeline: str | None = None, prompts: str | None = None) -> dict:
+    if model != "pipeline" and prompts is not None:
+        raise ValueError(f"model.prompts={prompts} needs model.pipeline=DIR (the text-to-image pipeline they prompt)")
     if model == "digits":
         from agsearch.models.digits import benchmark_settings
 
         return benchmark_settings()
+    if model == "pipeline":
+        from agsearch.search.backends import pipeline_settings
+
+        if pipeline is None:
+            raise ValueError("model.model=pipeline needs model.pipeline=DIR (a local diffusers pipeline folder)")
+        return pipeline_settings(pipeline, prompts)
     from agsearch.search.backends import MODELS
 
     raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")

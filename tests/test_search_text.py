@@ -1,0 +1,176 @@
+"""``agsearch search`` on local diffusers pipeline folders: tiny SD and SD3 pipelines built offline
+(``agsearch.tiny_pipelines``) and saved with ``save_pretrained``, prompt files, the teacher
+against the pipeline's own full-CFG call, and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from agsearch.cli import main  # noqa: E402
+from agsearch.policy import Policy  # noqa: E402
+
+T, W = 4, 5.0
+PROMPTS = [{"prompt": "a red cube", "negative_prompt": "blurry"}, {"prompt": "a dog"}, {"prompt": "a cat on a mat"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is as fast, and far faster when other jobs load the cores
+    (two threads on two busy cores took 60× longer for the teacher here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from agsearch.tiny_pipelines import tiny_sd, tiny_sd3
+
+    root = tmp_path_factory.mktemp("search-text")
+    for name, pipe in (("sd", tiny_sd()), ("sd3", tiny_sd3())):
+        # 16×16 latents by default (the search's latent shape is the pipeline's default), to keep it fast
+        (pipe.unet if name == "sd" else pipe.transformer).register_to_config(sample_size=16)
+        pipe.save_pretrained(root / name)
+    (root / "prompts.txt").write_text("a red cube\na dog\n\na cat on a mat\n", "utf-8")
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), "utf-8")
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_search(tmp_path, pipeline, prompts, *extra):
+    return ["search", f"--model.pipeline={pipeline}", f"--model.prompts={prompts}", "--model.space=minimal",
+            f"--model.num_inference_steps={T}", "--model.budget=6", "--data.num_pairs=4", "--data.batch_size=2",
+            "--data.num_val=2", "--trainer.max_steps=2", "--eval.samples=3", "--wandb.mode=disabled",
+            "--progress=false", f"--trainer.default_root_dir={tmp_path / 'runs'}", *extra]
+
+
+@pytest.mark.parametrize("name, prompts, cls, scheduler", [
+    ("sd", "prompts.jsonl", "StableDiffusionPipeline", "DDIMScheduler"),
+    ("sd3", "prompts.txt", "StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler"),
+])
+def test_search_on_a_pipeline_folder_writes_the_policy(files, tmp_path, capsys, name, prompts, cls, scheduler):
+    out = tmp_path / "policy.json"
+    code, stdout, err = run(capsys, *tiny_search(tmp_path, files / name, files / prompts, f"--out={out}"))
+    assert code == 0, err
+    policy = Policy.load(out)
+    assert policy.nfe == 6 and policy.num_inference_steps == T
+    assert policy.guidance_scale == (7.5 if name == "sd" else 7.0)  # the pipeline's own default
+    provenance = policy.provenance
+    assert provenance["model"] == str((files / name).resolve()) and provenance["scheduler"] == scheduler
+    assert provenance["pipeline"] == {"folder": str((files / name).resolve()), "class": cls,
+                                      "prompts": str((files / prompts).resolve()), "num_prompts": 3,
+                                      "negative_prompts": 1 if prompts.endswith("jsonl") else 0}
+    assert {"nfe", "mse", "samples", "seed"} == set(policy.metrics["eval"]) and policy.metrics["eval"]["nfe"] == 6
+    # The comparison: full CFG, the searched policy and the cutoff at its NFE, by MSE to full CFG.
+    assert "MSE of the final latents to full CFG" in stdout and "cutoff-2/4" in stdout and "accuracy" not in stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "gates.json").is_file()
+    # The checkpoint re-discretises at another budget; the pipeline's provenance comes with it.
+    code, _, err = run(capsys, "export", run_dir / "checkpoints" / "last.ckpt", "--budget", 5, "--out", tmp_path / "p5.json")
+    assert code == 0, err
+    exported = Policy.load(tmp_path / "p5.json")
+    assert exported.nfe == 5 and exported.provenance["pipeline"] == provenance["pipeline"]
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
+    """The module's cached teacher for (seed, prompt i) equals the plain pipeline call with
+    ``generator=torch.Generator().manual_seed(seed)`` at the same steps and scale, negative prompt
+    included, and the negative prompt really is the unconditional pass."""
+    from agsearch.generate import load_pipeline
+    from agsearch.search.data import PairDataset
+    from agsearch.search.module import PolicySearchModule
+
+    module = PolicySearchModule(space="minimal", budget=6, pipeline=str(files / name),
+                                prompts=str(files / "prompts.jsonl"), num_inference_steps=T, guidance_scale=W)
+    assert module.hparams.model == "pipeline" and module.backend.num_conditions == 3
+    batch = PairDataset(0, 5, module.backend.num_conditions).batch()
+    assert batch["label"].tolist() == [0, 1, 2, 0, 1]  # prompt i mod N
+    seeds, labels = batch["seed"][:2], batch["label"][:2]
+    noise = module.backend.noise(seeds, "cpu")
+    ours, _ = module.teacher(seeds, noise, module.backend.condition(labels))
+
+    pipe = load_pipeline(files / name)
+
+    def pipeline_latents(seed, prompt, negative):
+        return pipe(prompt, negative_prompt=negative, generator=torch.Generator().manual_seed(int(seed)),
+                    num_inference_steps=T, guidance_scale=W, output_type="latent").images[0]
+
+    for j in range(2):
+        record = PROMPTS[int(labels[j])]
+        theirs = pipeline_latents(seeds[j], record["prompt"], record.get("negative_prompt"))
+        torch.testing.assert_close(ours[j], theirs, rtol=0, atol=5e-5)  # batch-size rounding
+    without_negative = pipeline_latents(seeds[0], "a red cube", None)
+    assert (ours[0] - without_negative).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing folder", "does not exist"),
+    ("sdxl", "not supported by the search"),
+    ("unknown class", "'KandinskyPipeline'"),
+    ("empty prompts", "the prompt file is empty"),
+    ("missing prompts", "cannot read prompt file"),
+    ("bad jsonl", "invalid JSON"),
+    ("jsonl without prompt", "non-empty string 'prompt'"),
+    ("no prompts", "needs model.prompts"),
+    ("prompts without pipeline", "needs model.pipeline"),
+    ("sd3 scheduler", "runs its own scheduler"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys, case, fragment):
+    pipeline, prompts = files / "sd", files / "prompts.txt"
+    extra = []
+    if case == "missing folder":
+        pipeline = tmp_path / "nope"
+    elif case in ("sdxl", "unknown class"):
+        pipeline = tmp_path / "other"
+        pipeline.mkdir()
+        name = "StableDiffusionXLPipeline" if case == "sdxl" else "KandinskyPipeline"
+        (pipeline / "model_index.json").write_text(json.dumps({"_class_name": name}))
+    elif case == "empty prompts":
+        prompts = tmp_path / "empty.txt"
+        prompts.write_text("\n  \n")
+    elif case == "missing prompts":
+        prompts = tmp_path / "nope.txt"
+    elif case == "bad jsonl":
+        prompts = tmp_path / "bad.jsonl"
+        prompts.write_text('{"prompt": "a dog"}\n{"prompt": "a cat"\n')
+    elif case == "jsonl without prompt":
+        prompts = tmp_path / "bad.jsonl"
+        prompts.write_text('{"negative_prompt": "blurry"}\n')
+    elif case == "sd3 scheduler":
+        pipeline, extra = files / "sd3", ["--model.scheduler=ddim"]
+    argv = tiny_search(tmp_path, pipeline, prompts, f"--out={tmp_path / 'p.json'}", *extra)
+    if case == "no prompts":
+        argv = [a for a in argv if not a.startswith("--model.prompts")]
+    if case == "prompts without pipeline":
+        argv = [a for a in argv if not a.startswith("--model.pipeline")]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("agsearch search: error:") and "Traceback" not in err
+    assert fragment in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "p.json").exists()
+
+
+def test_adaptive_thresholds_search_on_a_pipeline(files, tmp_path, capsys):
+    """The adaptive space on a text-to-image pipeline: thresholds calibrated on the pipeline's
+    prompts, provenance naming the folder, and AG at the same calibration in the comparison."""
+    out = tmp_path / "adaptive.json"
+    argv = tiny_search(tmp_path, files / "sd", files / "prompts.jsonl", "--model.space=adaptive_cosine",
+                       "--data.num_calibration=6", f"--out={out}")
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    policy = Policy.load(out)
+    assert policy.kind == "adaptive" and len(policy.rule["thresholds"]) == T
+    assert policy.provenance["pipeline"]["folder"] == str((files / "sd").resolve())
+    assert "AG γ̄=" in stdout and "θ_t =" in stdout

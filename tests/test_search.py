@@ -338,4 +338,9 @@ def test_polish_keeps_the_nfe_and_never_raises_the_distance():
     picks, record = module.polish(batch, start, rounds=2)
     assert sum(module.costs[k] for k in picks) == 7
     assert record["distance_after"] < record["distance_before"] and record["moves"]
+    # Moves resume the current trajectory from their first changed step: the distances must be
+    # those of full trajectories.
+    for p, d in ((start, record["distance_before"]), (picks, record["distance_after"])):
+        full = module._student_distance(batch, module._hard_weights(p, 8), False, False)[1].item()
+        assert full == d
     assert module.polish(batch, start, rounds=0) == (start, {"rounds": 0, "moves": [], "evaluations": 0})

@@ -23,6 +23,7 @@ weight p is CFG at scale 1 + p (w − 1), which no discrete policy can reproduce
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from agsearch.policy import Policy
-from agsearch.sampling import StepPlan, sample
+from agsearch.sampling import Resume, StepPlan, sample
 from agsearch.search.backends import CheckpointedDenoiser, load_backend
 from agsearch.search.discretize import MODES, discretize
 from agsearch.search.space import SearchSpace, Temperature
@@ -352,9 +353,35 @@ class PolicySearchModule(pl.LightningModule):
         labels = self.space.labels(self.candidates)
         B = len(batch["seed"])
 
-        def distance(p: list[int]) -> float:
+        # A move changes the policy from some step on: its trajectory shares the current policy's
+        # prefix, so it resumes from the current trajectory paused before that step (spaces with
+        # ``affine`` ops, which need the past estimates, always run in full).
+        noise = self.backend.noise(batch["seed"], self.device)
+        cond = self.backend.condition(batch["label"])
+        target, _ = self.teacher(batch["seed"], noise, cond)
+        reuse = all(c["op"] != "affine" for c in self.candidates)
+        current_states: dict[int, Resume] = {}
+
+        def run(p: list[int], start: int = 0, keep: bool = False) -> tuple[float, dict[int, Resume]]:
+            """(distance of policy ``p`` resumed before step ``start``, its trajectory paused
+            before every step it ran, when ``keep``)."""
             record["evaluations"] += 1
-            return self._student_distance(batch, self._hard_weights(p, B), False, False)[1].item()
+            controller = GateController(self.candidates, self._hard_weights(p, B), self.guidance_scale, False, self.affine_coef)
+            states: dict[int, Resume] = {}
+
+            def pause(stats):
+                states[stats.i] = Resume(stats.i, stats.x, copy.deepcopy(stats.scheduler))
+
+            resume = current_states.get(start) if reuse and start > 0 else None
+            out = sample(self.backend.denoiser, self.backend.scheduler, None, noise, cond, controller=controller,
+                         callback=pause if keep else None, resume=resume)
+            return self._distance(out.samples, target).item(), states
+
+        def first_change(p: list[int]) -> int:
+            return next((i for i, (a, b) in enumerate(zip(p, picks)) if a != b), 0)
+
+        def distance(p: list[int]) -> float:
+            return run(p, first_change(p))[0]
 
         def moves(p: list[int], t: int):
             for j in range(len(self.costs)):
@@ -370,7 +397,7 @@ class PolicySearchModule(pl.LightningModule):
                     moved[t], moved[s] = k_teacher, j
                     yield moved
 
-        current = distance(picks)
+        current, current_states = run(picks, 0, keep=True)
         record["distance_before"] = current
         for _ in range(rounds):
             improved = False
@@ -382,7 +409,10 @@ class PolicySearchModule(pl.LightningModule):
                         best = (d, moved)
                 if best is not None:
                     changed = [f"{s}:{labels[picks[s]]}->{labels[best[1][s]]}" for s in range(len(picks)) if best[1][s] != picks[s]]
-                    current, picks, improved = best[0], best[1], True
+                    first = first_change(best[1])
+                    picks, improved = best[1], True
+                    current, states = run(picks, first, keep=True)  # re-pause from the first change on
+                    current_states = {**{i: v for i, v in current_states.items() if i < first}, **states}
                     record["moves"].append(f"{', '.join(changed)} (distance {current:.6g})")
             record["rounds"] += 1
             if not improved:

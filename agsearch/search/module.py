@@ -397,6 +397,7 @@ class PolicySearchModule(pl.LightningModule):
                     moved[t], moved[s] = k_teacher, j
                     yield moved
 
+        started = time.perf_counter()
         current, current_states = run(picks, 0, keep=True)
         record["distance_before"] = current
         for _ in range(rounds):
@@ -418,6 +419,7 @@ class PolicySearchModule(pl.LightningModule):
             if not improved:
                 break
         record["distance_after"] = current
+        record["seconds"] = round(time.perf_counter() - started, 2)
         return picks, record
 
     def export_policy(self, budget: int | None = None, mode: str | None = None, picks: list[int] | None = None,

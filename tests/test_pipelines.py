@@ -155,6 +155,23 @@ def test_adaptive_guidance_switches_per_sample(pipes):
     assert counter.rows == runner.nfe.sum()
 
 
+def test_per_step_thresholds_on_a_pipeline(pipes):
+    """A searched rule (one threshold per step) on an unmodified pipeline: each sample stops at
+    the first step where its γ reaches that step's threshold, and runs only cond after."""
+    pipe = pipes["sd"]
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    prompts = ["a red cube", "a photo of a dog on the beach", "a cat"]
+    with apply_policy(pipe, Policy.adaptive(T, W, threshold=1.0)) as runner:  # never stops: the γ of full CFG
+        _call(pipe, prompts, latents=latents)
+    gammas = torch.stack(runner.gammas).T.double()  # (3, T)
+    thresholds = [1.0, float(gammas[:, 1].median()), -1.0, -1.0]  # never at step 0; the median at 1; stop at 2
+    with apply_policy(pipe, Policy.adaptive(T, W, thresholds)) as runner, RowCounter(pipe) as counter:
+        _call(pipe, prompts, latents=latents)
+    stops = [1 if float(g[1]) >= thresholds[1] else 2 for g in gammas]  # the step whose γ crossed
+    assert runner.nfe.tolist() == [float(T + s + 1) for s in stops] and len(set(stops)) == 2
+    assert counter.rows == runner.nfe.sum()
+
+
 def test_step_count_mismatch_is_refused_unless_resampled(pipes):
     pipe = pipes["sd"]
     policy = Policy.static(["cfg", "cfg", "cond", "cond"], W)

@@ -344,3 +344,19 @@ def test_polish_keeps_the_nfe_and_never_raises_the_distance():
         full = module._student_distance(batch, module._hard_weights(p, 8), False, False)[1].item()
         assert full == d
     assert module.polish(batch, start, rounds=0) == (start, {"rounds": 0, "moves": [], "evaluations": 0})
+
+
+def test_polish_also_starts_from_the_cutoff_and_keeps_the_better():
+    from agsearch.search.data import PairDataset
+    from agsearch.search.module import PolicySearchModule
+
+    module = PolicySearchModule(space="minimal", num_inference_steps=5, budget=7)
+    assert module.cutoff_picks() == [0, 0, 1, 1, 1]  # cfg, cfg, cond, cond, cond
+    scales_only = {"name": "s", "ops": [{"op": "cfg", "scales": [2.0, 3.0]}, {"op": "cond"}]}
+    assert PolicySearchModule(space=scales_only, num_inference_steps=5, budget=7).cutoff_picks() is None  # no cfg at w
+    batch = PairDataset(3, 8).batch()
+    start = [1, 1, 1, 0, 0]  # guidance at the end only: far from the cutoff
+    picks, record = module.polish_starts(batch, start, rounds=1)
+    assert set(record["distance_after_by_start"]) == {"gates", "cutoff"}
+    assert record["distance_after"] == min(record["distance_after_by_start"].values())
+    assert sum(module.costs[k] for k in picks) == 7

@@ -224,7 +224,7 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
             from agsearch.search.data import PairDataset
 
             batch = PairDataset(data.val_seed, data.num_val, module.backend.num_conditions).batch(module.device)
-            picks, polish = module.polish(batch, picks, module.hparams.polish_rounds)
+            picks, polish = module.polish_starts(batch, picks, module.hparams.polish_rounds)
         policy = module.export_policy(picks=picks, polish=polish, **run)
     metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     policy.metrics["search"] = metrics

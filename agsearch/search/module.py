@@ -162,7 +162,8 @@ class PolicySearchModule(pl.LightningModule):
         discretization: ``exact`` (meets the budget exactly) or ``argmax``.
         optimizer: ``shared_adam`` (Adam with one second-moment scale for all gates, see
             ``SharedScaleAdam``) or ``adam``.
-        polish_rounds: rounds of ``polish`` on the validation pairs after the search (0: off).
+        polish_rounds: rounds of ``polish`` on the validation pairs after the search, from the
+            discretised gates and from the cutoff at the budget (0: off; ``polish_starts``).
         init: ``budget`` starts the gates at E[NFE] = budget (ops of equal cost equally likely),
             so λ does not first have to undo an over-budget start; ``teacher`` puts 0.9 on CFG at
             the run's scale; ``uniform`` starts at zeros.
@@ -421,6 +422,31 @@ class PolicySearchModule(pl.LightningModule):
         record["distance_after"] = current
         record["seconds"] = round(time.perf_counter() - started, 2)
         return picks, record
+
+    def cutoff_picks(self, budget: int | None = None) -> list[int] | None:
+        """The cutoff at ``budget`` (CFG at the run's scale for the first budget − T steps, then
+        ``cond``) as op indices, or None where the space cannot express it."""
+        budget = self.hparams.budget if budget is None else budget
+        T = self.num_inference_steps
+        if {"op": "cfg"} not in self.candidates or {"op": "cond"} not in self.candidates or not T <= budget <= 2 * T:
+            return None
+        k_cfg, k_cond = self.candidates.index({"op": "cfg"}), self.candidates.index({"op": "cond"})
+        return [k_cfg] * (budget - T) + [k_cond] * (2 * T - budget)
+
+    def polish_starts(self, batch: dict, picks: list[int], rounds: int) -> tuple[list[int], dict]:
+        """``polish`` from the discretised gates and from the cutoff at the budget (where the space
+        holds it); keeps the result with the lower distance on ``batch``. A local search from the
+        gates alone can stay in their basin (e.g. ``cond`` at early steps, where the gradients are
+        blind); the cutoff is the hand-tuned policy the search must at least match."""
+        found = {"gates": self.polish(batch, picks, rounds)}
+        cutoff = self.cutoff_picks(sum(self.costs[k] for k in picks))
+        if cutoff is not None and cutoff != picks:
+            found["cutoff"] = self.polish(batch, cutoff, rounds)
+        start = min(found, key=lambda name: found[name][1]["distance_after"])
+        kept, record = found[start]
+        record = {**record, "start": start,
+                  "distance_after_by_start": {name: r["distance_after"] for name, (_, r) in found.items()}}
+        return kept, record
 
     def export_policy(self, budget: int | None = None, mode: str | None = None, picks: list[int] | None = None,
                       **provenance) -> Policy:

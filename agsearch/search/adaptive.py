@@ -262,9 +262,7 @@ class ThresholdSearchModule(pl.LightningModule):
     temperature = PolicySearchModule.temperature  # the space's schedule over the run's steps
 
     # -- tables ---------------------------------------------------------------------------------------
-    def _on_device(self):
-        if self.backend.unet.device != self.device:
-            self.backend.to(self.device)
+    _on_device = PolicySearchModule._on_device
 
     def outcomes(self, batch: dict) -> Outcomes:
         """The tables of ``batch``'s pairs (computed once per noise seed, then cached)."""
@@ -363,21 +361,11 @@ class ThresholdSearchModule(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam([self.thresholds_u], lr=self.hparams.lr)
 
-    def on_fit_start(self):
-        self._on_device()
-        self._fit_started = time.perf_counter()
-
-    def on_fit_end(self):
-        if self._fit_started is not None:
-            self.search_seconds += time.perf_counter() - self._fit_started
-            self._fit_started = None
-
-    def on_save_checkpoint(self, checkpoint):
-        elapsed = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
-        checkpoint["agsearch"] = {"search_seconds": self.search_seconds + elapsed}
-
-    def on_load_checkpoint(self, checkpoint):
-        self.search_seconds = float(checkpoint.get("agsearch", {}).get("search_seconds", 0.0))
+    # Timing and device hooks as in the gate search.
+    on_fit_start = PolicySearchModule.on_fit_start
+    on_fit_end = PolicySearchModule.on_fit_end
+    on_save_checkpoint = PolicySearchModule.on_save_checkpoint
+    on_load_checkpoint = PolicySearchModule.on_load_checkpoint
 
     # -- export -----------------------------------------------------------------------------------------
     def export_policy(self, budget: int | None = None, calibration_seed: int = 2, calibration_pairs: int = 512,

@@ -62,8 +62,8 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-class GateMonitor(pl.Callback):
-    """Per-epoch gate history (``gates.json``, ``gates.png``) and W&B heatmap + table."""
+class _History(pl.Callback):
+    """A run directory and a list of per-epoch entries that travels in the checkpoint."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
@@ -74,6 +74,10 @@ class GateMonitor(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+class GateMonitor(_History):
+    """Per-epoch gate history (``gates.json``, ``gates.png``) and W&B heatmap + table."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module) -> None:
         probs = module.gate_probabilities()
@@ -146,19 +150,9 @@ def plot_thresholds(thresholds: list[float], guided: list[float], gamma_quantile
     return fig
 
 
-class ThresholdMonitor(pl.Callback):
+class ThresholdMonitor(_History):
     """θ_t history (``thresholds.json``, ``thresholds.png``) and W&B curve + table, at the end of
     every epoch (about 20 times per run when epochs are many)."""
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.history: list[dict] = []
-
-    def state_dict(self) -> dict:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.history = list(state_dict.get("history", []))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module) -> None:
         # A full-batch threshold search has one step per epoch and hundreds of epochs: keep about

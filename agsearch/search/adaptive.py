@@ -44,10 +44,6 @@ from agsearch.search.backends import load_backend
 from agsearch.search.module import PolicySearchModule
 
 U_MAX = -math.log(1e-12)  # u(γ) is capped at γ = 1 − 1e-12 (≈ 27.6), above every float32 cosine below 1
-# PolicySearchModule options that only gates use: an adaptive space must leave them at these.
-GATE_DEFAULTS = {"trajectory_weight": 0.0, "entropy_weight": 0.0, "relaxation": None, "straight_through": "all",
-                 "checkpointing": True, "discretization": "exact", "optimizer": "shared_adam", "polish_rounds": 2,
-                 "affine_lr": 1e-3}
 
 
 def to_u(gamma: torch.Tensor | float) -> torch.Tensor:
@@ -194,22 +190,19 @@ class ThresholdSearchModule(pl.LightningModule):
                  temperature_start: float | None = None, temperature_end: float | None = None, init: str = "budget",
                  **gate_options):
         super().__init__()
-        from agsearch.search.module import DISTANCES, _check, _model_settings
+        from agsearch.search.module import DISTANCES, _check, gate_defaults, resolve_run
         from agsearch.search.space import SearchSpace, SpaceError, Temperature
 
-        if pipeline is not None and model == "digits":  # as PolicySearchModule: a pipeline folder selects it
-            model = "pipeline"
-        settings = _model_settings(model, pipeline, prompts)
-        scheduler = scheduler or settings["scheduler"]
-        T = num_inference_steps or settings["num_inference_steps"]
-        guidance_scale = float(guidance_scale if guidance_scale is not None else settings["guidance_scale"])
+        model, scheduler, T, guidance_scale = resolve_run(model, pipeline, prompts, scheduler, num_inference_steps,
+                                                          guidance_scale)
         self.space = SearchSpace.load(space)
         if self.space.kind != "adaptive":
             raise SpaceError(f"{self.space.source}: not an adaptive space")
+        defaults = gate_defaults()
         for name, value in gate_options.items():
-            if value != GATE_DEFAULTS[name] and not (name == "relaxation" and value == self.space.relaxation):
+            if value != defaults[name] and not (name == "relaxation" and value == self.space.relaxation):
                 raise SpaceError(f"model.{name}={value!r} does not apply to the adaptive space {self.space.name!r} "
-                                 f"(it has thresholds, not gates); leave it at {GATE_DEFAULTS[name]!r}")
+                                 f"(it has thresholds, not gates); leave it at {defaults[name]!r}")
         if temperature_start is not None or temperature_end is not None:
             t = self.space.temperature
             temperature = Temperature(t.start if temperature_start is None else temperature_start,

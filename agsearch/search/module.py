@@ -216,12 +216,8 @@ class PolicySearchModule(pl.LightningModule):
                 **gate_options)
             return
         super().__init__()
-        if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
-            model = "pipeline"
-        settings = _model_settings(model, pipeline, prompts)
-        scheduler = scheduler or settings["scheduler"]
-        num_inference_steps = num_inference_steps or settings["num_inference_steps"]
-        guidance_scale = float(guidance_scale if guidance_scale is not None else settings["guidance_scale"])
+        model, scheduler, num_inference_steps, guidance_scale = resolve_run(
+            model, pipeline, prompts, scheduler, num_inference_steps, guidance_scale)
         self.space = SearchSpace.load(space)
         if relaxation is not None or temperature_start is not None or temperature_end is not None:
             from agsearch.search.space import RELAXATIONS, SpaceError
@@ -648,6 +644,25 @@ def _affine_coefficients(entry: dict, T: int, guidance_scale: float) -> torch.Te
 
 _GATE_ONLY = ("trajectory_weight", "entropy_weight", "relaxation", "straight_through", "checkpointing",
               "discretization", "optimizer", "polish_rounds", "affine_lr")
+
+
+def resolve_run(model: str, pipeline: str | None, prompts: str | None, scheduler: str | None,
+                num_inference_steps: int | None, guidance_scale: float | None) -> tuple[str, str, int, float]:
+    """(model, scheduler, T, w) of a run: a pipeline folder selects ``model=pipeline``; unset
+    settings take the model's benchmark (or pipeline) defaults."""
+    if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
+        model = "pipeline"
+    settings = _model_settings(model, pipeline, prompts)
+    return (model, scheduler or settings["scheduler"], num_inference_steps or settings["num_inference_steps"],
+            float(guidance_scale if guidance_scale is not None else settings["guidance_scale"]))
+
+
+def gate_defaults() -> dict:
+    """The defaults of the options only gate spaces use (an adaptive space must leave them so)."""
+    import inspect
+
+    parameters = inspect.signature(PolicySearchModule.__init__).parameters
+    return {name: parameters[name].default for name in _GATE_ONLY}
 
 
 def _is_adaptive(space) -> bool:

@@ -207,6 +207,9 @@ class PolicyRunner:
             self.gammas.append(cos_x0 if self.controller.space == "x0" else cos_eps)
             self.controller.observe(i, StepStats(i, t, x_in[n:], eps_c, eps_u, need[:, 0], need[:, 1], both,
                                                  cos_x0, cos_eps))
+            # A sample that stops here may run CFG at the rule's stop scale (same passes).
+            ops = [plan.ops[k] for k in plan.weights.argmax(dim=1).tolist()]
+            scales = [float(op.get("scale", self.default_scale)) if op["op"] == "cfg" else None for op in ops]
 
         # What the pipeline's ε_u' + w (ε_c' − ε_u') must turn into each sample's op output.
         new_u, new_c = eps_u.clone(), eps_c.clone()

@@ -115,7 +115,7 @@ def validate(document: Any) -> None:
     if steps is not None:
         step_costs(steps)  # affine coefficients and fallbacks
     rule = document.get("rule") or {}
-    for key in ("thresholds", "scales"):
+    for key in ("thresholds", "scales", "stop_scales"):
         if key in rule and len(rule[key]) != document["num_inference_steps"]:
             raise PolicyError(f"{len(rule[key])} {key} listed but num_inference_steps is "
                               f"{document['num_inference_steps']} (one per step)", f"/rule/{key}")
@@ -194,10 +194,13 @@ class Policy:
 
     @classmethod
     def adaptive(cls, num_inference_steps: int, guidance_scale: float, threshold: float | list[float],
-                 space: str = "x0", scales: list[float] | None = None, **kwargs) -> "Policy":
+                 space: str = "x0", scales: list[float] | None = None, stop_scales: list[float] | None = None,
+                 **kwargs) -> "Policy":
         """The Adaptive Guidance rule: per sample, CFG until cos(cond, uncond) in ``space`` reaches
         ``threshold`` — one number (AG), or a list of one threshold per step (a searched rule) —
-        then ``cond`` for good. ``scales``: optional per-step guidance scales while guiding."""
+        then ``cond`` for good. ``scales``: optional per-step guidance scales while guiding;
+        ``stop_scales``: optional per-step scales of the step at which a sample stops (default
+        the step's guided scale)."""
         rule = {"rule": "ag_cosine", "space": space}
         if isinstance(threshold, (list, tuple)):
             rule["thresholds"] = [float(v) for v in threshold]
@@ -205,6 +208,8 @@ class Policy:
             rule["threshold"] = threshold
         if scales is not None:
             rule["scales"] = [float(v) for v in scales]
+        if stop_scales is not None:
+            rule["stop_scales"] = [float(v) for v in stop_scales]
         return cls("adaptive", num_inference_steps, guidance_scale, rule=rule, **kwargs)
 
     @classmethod
@@ -307,6 +312,13 @@ class Policy:
             return float(self.rule["scales"][i])
         return float(self.guidance_scale)
 
+    def stop_scale_at(self, i: int) -> float:
+        """An adaptive rule's scale at step ``i`` for a sample that stops guiding there (its γ
+        reached θ_i after both passes ran): ``stop_scales`` if given, else the guided scale."""
+        if self.rule and "stop_scales" in self.rule:
+            return float(self.rule["stop_scales"][i])
+        return self.scale_at(i)
+
     def threshold_at(self, i: int) -> float:
         """An adaptive rule's threshold θ_i at step ``i``."""
         if "thresholds" in self.rule:
@@ -339,7 +351,7 @@ class Policy:
 
         steps = remap(self.steps) if self.steps is not None else None
         rule = dict(self.rule) if self.rule else None
-        for key in ("thresholds", "scales"):
+        for key in ("thresholds", "scales", "stop_scales"):
             if rule and key in rule:
                 rule[key] = remap(rule[key])
         return Policy(self.kind, num_inference_steps, self.guidance_scale, steps=steps, rule=rule, name=self.name,

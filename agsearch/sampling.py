@@ -119,6 +119,9 @@ class StepPlan:
     # (B, K) which ops to compute; default ``weights != 0``. The search's straight-through
     # estimator sets it to all-True to get a gradient for every op, not only the chosen one.
     active: torch.Tensor | None = None
+    # A controller's ``observe`` may still move a sample's weight to another op whose passes ran
+    # for it (a rule that reacts to this step's γ: the adaptive rule's stop scale); the loop mixes
+    # the ops with the weights as they are after ``observe``.
 
 
 class StaticController:
@@ -140,28 +143,41 @@ class AGController:
     γ_t is observed at a step where the sample ran both passes (and used CFG); once it reaches the
     step's threshold θ_t the sample runs ``cond`` from the next step on, so its unconditional pass
     is skipped. θ_t is one number for every step (AG) or one per step (a searched rule,
-    ``agsearch.search.adaptive``); a guided step runs CFG at the rule's per-step scale if it has one.
+    ``agsearch.search.adaptive``); a guided step runs CFG at the rule's per-step scale if it has one,
+    and the step at which a sample stops (both passes ran there) at the rule's stop scale if it has
+    one: the plan's third op, which ``observe`` gives the weight of the samples that crossed.
     """
 
     def __init__(self, policy: Policy):
         T = policy.num_inference_steps
         self.thresholds = [policy.threshold_at(i) for i in range(T)]
         self.scales = [policy.scale_at(i) for i in range(T)]
+        self.stop_scales = [policy.stop_scale_at(i) for i in range(T)]
         self.space = policy.rule.get("space", "x0")
         self.guiding: torch.Tensor | None = None  # (B,) bool
+        self._plan: StepPlan | None = None
 
     def plan(self, i: int, batch: int, device) -> StepPlan:
         if self.guiding is None:
             self.guiding = torch.ones(batch, dtype=torch.bool, device=device)
         g = self.guiding.float()
         ops = [{"op": "cfg", "scale": self.scales[i]}, {"op": "cond"}]
-        return StepPlan(ops, torch.stack([g, 1 - g], dim=1))
+        weights = [g, 1 - g]
+        if self.stop_scales[i] != self.scales[i]:
+            ops.append({"op": "cfg", "scale": self.stop_scales[i]})
+            weights.append(torch.zeros_like(g))
+        self._plan = StepPlan(ops, torch.stack(weights, dim=1))
+        return self._plan
 
     def observe(self, i: int, stats: "StepStats") -> None:
         gamma = stats.cosine_x0 if self.space == "x0" else stats.cosine_eps
         # θ = 1 keeps guiding: a float32 cosine can round to 1 where the predictions nearly agree.
         crossed = stats.both & (gamma >= self.thresholds[i]) & (self.thresholds[i] < 1)
         self.guiding = self.guiding & ~crossed
+        if self._plan is not None and len(self._plan.ops) == 3:  # the crossing samples' CFG at the stop scale
+            stop = crossed.to(self._plan.weights.dtype)
+            w = self._plan.weights
+            self._plan.weights = torch.stack([w[:, 0] * (1 - stop), w[:, 1], w[:, 0] * stop], dim=1)
 
 
 def controller_for(policy: Policy):

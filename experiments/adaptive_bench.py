@@ -1,14 +1,17 @@
-"""Learned per-step thresholds vs Adaptive Guidance vs the best static policies (issue 7).
+"""Learned adaptive rules vs Adaptive Guidance vs the best static policies (issue 7).
 
-    python experiments/adaptive_bench.py [--budgets 35 40 45] [--samples 1000] [--seed 1]
+    python experiments/adaptive_bench.py [--budgets 35 40 45] [--spaces adaptive_cosine adaptive_thresholds]
+                                         [--samples 1000] [--seed 1]
 
-For every budget it runs the adaptive search (``experiments/adaptive_cosine.yaml``, a normal
-``agsearch search`` run), then evaluates on held-out samples (seed 1, DDIM 25, w = 1.1): full CFG,
-the learned policies and AG over a threshold sweep. AG's MSE and accuracy at the learned policy's
-mean NFE are interpolated linearly between the two sweep points around it. The best static
-policies at each budget come from ``results/search/sweep.json`` (``agsearch sweep``, the same
-samples and protocol). Writes ``results/adaptive/bench.md``, ``bench.json``, ``front.png``,
-``thresholds.png`` and ``policies/``.
+For every space and budget it runs the adaptive search (``experiments/adaptive_cosine.yaml`` with
+``--model.space``, a normal ``agsearch search`` run): ``adaptive_cosine`` learns per-step thresholds
+and the stop scales, ``adaptive_thresholds`` per-step thresholds only. Then it evaluates on
+held-out samples (seed 1, DDIM 25, w = 1.1): full CFG, the learned policies and AG over a
+threshold sweep. AG's MSE and accuracy at the learned policy's mean NFE are interpolated linearly
+between the two sweep points around it. The best static policies at each budget come from
+``results/search_polish_starts/sweep.json`` (``agsearch sweep``, the same samples and protocol).
+Writes ``results/adaptive/bench.md``, ``bench.json``, ``front.png``, ``thresholds.png`` and
+``policies/``.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ def interpolate(records: list[dict], nfe: float, key: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[35, 40, 45])
+    parser.add_argument("--spaces", nargs="+", default=["adaptive_cosine", "adaptive_thresholds"])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--config", default="experiments/adaptive_cosine.yaml")
-    parser.add_argument("--static", default="results/search/sweep.json", help="agsearch sweep JSON with the static policies")
+    parser.add_argument("--static", default="results/search_polish_starts/sweep.json",
+                        help="agsearch sweep JSON with the static policies")
     parser.add_argument("--out-dir", type=Path, default=Path("results/adaptive"))
     parser.add_argument("--root", default="runs/adaptive_bench", help="search run directories")
     args = parser.parse_args(argv)
@@ -48,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = benchmark_settings()
     T, w = settings["num_inference_steps"], settings["guidance_scale"]
-    learned: dict[int, Policy] = {}
-    for budget in args.budgets:
-        path = args.out_dir / "policies" / f"adaptive_cosine-b{budget}.json"
-        policy, _, _ = run_search([f"--config={args.config}", f"--model.budget={budget}", "--eval.samples=0",
-                                   f"--out={path}", f"--trainer.default_root_dir={args.root}", "--progress=false"])
-        learned[budget] = policy
+    learned: dict[tuple[str, int], Policy] = {}
+    for space in args.spaces:
+        for budget in args.budgets:
+            path = args.out_dir / "policies" / f"{space}-b{budget}.json"
+            policy, _, _ = run_search([f"--config={args.config}", f"--model.space={space}", f"--model.budget={budget}",
+                                       "--eval.samples=0", f"--out={path}", f"--trainer.default_root_dir={args.root}",
+                                       "--progress=false"])
+            learned[space, budget] = policy
 
     evaluator = DigitsEvaluator(samples=args.samples, seed=args.seed, progress=True)
     started = time.perf_counter()
@@ -61,27 +68,29 @@ def main(argv: list[str] | None = None) -> int:
     ag = [{**evaluator.evaluate(make_baseline("ag", T, w, threshold=g)).as_dict(), "role": "AG", "threshold": g}
           for g in AG_THRESHOLDS]
     rows = []
-    for budget, policy in learned.items():
-        record = {**evaluator.evaluate(policy).as_dict(), "role": "learned", "budget": budget,
+    for (space, budget), policy in learned.items():
+        record = {**evaluator.evaluate(policy).as_dict(), "role": "learned", "space": space, "budget": budget,
                   "search_seconds": policy.provenance["search"]["seconds"],
-                  "thresholds": policy.rule["thresholds"]}
+                  "thresholds": policy.rule["thresholds"], "stop_scales": policy.rule.get("stop_scales")}
         rows.append(record)
     eval_seconds = time.perf_counter() - started
 
     static = json.loads(Path(args.static).read_text("utf-8"))["records"] if Path(args.static).is_file() else []
     lines = [
-        "# Learned per-step thresholds vs Adaptive Guidance vs static policies",
+        "# Learned adaptive rules vs Adaptive Guidance vs static policies",
         "",
         f"Produced by `python experiments/adaptive_bench.py --budgets {' '.join(map(str, args.budgets))} "
-        f"--samples {args.samples} --seed {args.seed}`: DDIM {T} steps, w = {w}, {args.samples} held-out samples "
-        f"(seed {args.seed}), MSE against full CFG from the same noise. Learned: `agsearch search --config "
-        f"{args.config} --model.budget=B` (thresholds calibrated to B on 512 pairs of seed 2). AG at the learned "
+        f"--spaces {' '.join(args.spaces)} --samples {args.samples} --seed {args.seed}`: DDIM {T} steps, w = {w}, "
+        f"{args.samples} held-out samples (seed {args.seed}), MSE against full CFG from the same noise. Learned: "
+        f"`agsearch search --config {args.config} --model.space=SPACE --model.budget=B` (thresholds calibrated to B "
+        f"on 512 pairs of seed 2); adaptive_cosine learns per-step thresholds and stop scales (the scale of the "
+        f"step at which a sample stops), adaptive_thresholds per-step thresholds only. AG at the learned "
         f"policy's NFE: linear interpolation between the two AG sweep points around it. Best static: the lowest-MSE "
         f"static policy at that budget in `{args.static}` (searched spaces, cutoff, best interval; same samples).",
         "",
-        "| budget | learned NFE | learned acc % | learned MSE | AG MSE at that NFE | learned / AG | AG acc % | "
+        "| budget | space | learned NFE | learned acc % | learned MSE | AG MSE at that NFE | learned / AG | AG acc % | "
         "best static | static MSE | static acc % | search s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         ag_mse, ag_acc = interpolate(ag, r["nfe"], "mse"), interpolate(ag, r["nfe"], "accuracy")
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         r["best_static"] = None if best is None else {k: best[k] for k in ("name", "role", "nfe", "mse", "accuracy")}
         static_cells = (f"{best['name']} ({best['role']}) | {best['mse']:.7f} | {100 * best['accuracy']:.1f}"
                         if best else "– | – | –")
-        lines.append(f"| {r['budget']} | {r['nfe']:.2f} | {100 * r['accuracy']:.1f} | {r['mse']:.7f} | {ag_mse:.7f} | "
+        lines.append(f"| {r['budget']} | {r['space']} | {r['nfe']:.2f} | {100 * r['accuracy']:.1f} | {r['mse']:.7f} | {ag_mse:.7f} | "
                      f"{r['ratio']:.2f} | {100 * ag_acc:.1f} | {static_cells} | {r['search_seconds']:.0f} |")
     lines += ["", f"Full CFG: {100 * teacher['accuracy']:.1f}% accuracy, FD {teacher['fd']:.3f}. "
               f"Evaluation of every policy here took {eval_seconds:.0f} s.", "",
@@ -100,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['threshold']:g} | {r['nfe']:.2f} | {100 * r['accuracy']:.1f} | {r['mse']:.7f} | {r['fd']:.3f} |"
               for r in ag]
     lines += ["", "Learned thresholds θ_t (steps 0–23; the last step's is unused):", ""]
-    lines += [f"- budget {r['budget']}: " + " ".join(f"{v:.5f}" for v in r["thresholds"][:-1]) for r in rows]
+    lines += [f"- {r['space']}, budget {r['budget']}: " + " ".join(f"{v:.5f}" for v in r["thresholds"][:-1]) for r in rows]
+    lines += ["", f"Learned stop scales (steps 0–23; w = {w} is AG's convention, 1 is cond at the stopping step):", ""]
+    lines += [f"- {r['space']}, budget {r['budget']}: " + " ".join(f"{v:.3f}" for v in r["stop_scales"][:-1])
+              for r in rows if r["stop_scales"]]
     lines += ["", "![front](front.png)", "", "![thresholds](thresholds.png)", ""]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out_dir / "bench.md", "\n".join(lines))
@@ -129,7 +141,10 @@ def _front(ag, rows, static, budgets) -> bytes:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     pts = sorted((r["nfe"], r["mse"]) for r in ag)
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, color="tab:blue", label="AG, threshold sweep")
-    ax.plot([r["nfe"] for r in rows], [r["mse"] for r in rows], "s", ms=7, color="tab:red", label="learned θ_t")
+    for space, marker, color in (("adaptive_cosine", "s", "tab:red"), ("adaptive_thresholds", "D", "tab:orange")):
+        sel = [r for r in rows if r["space"] == space]
+        label = "learned θ_t + stop scales" if space == "adaptive_cosine" else f"learned θ_t ({space})"
+        ax.plot([r["nfe"] for r in sel], [r["mse"] for r in sel], marker, ms=7, color=color, label=label)
     for role, marker, color in (("cutoff", "v", "tab:gray"), ("searched (cfg_scales)", "^", "tab:green")):
         sel = [s for s in static if s.get("role") == role and s.get("budget") in budgets]
         ax.plot([s["nfe"] for s in sel], [s["mse"] for s in sel], marker, ms=6, color=color, label=f"static: {role}")
@@ -145,14 +160,21 @@ def _front(ag, rows, static, budgets) -> bytes:
 def _thresholds(rows) -> bytes:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(6.5, 6.4), sharex=True)
     for r in rows:
         th = np.array(r["thresholds"][:-1])
-        ax.plot(range(len(th)), -np.log10(np.clip(1 - th, 1e-12, None)), "o-", ms=3, label=f"budget {r['budget']}")
-    ax.set_xlabel("sampling step (0 = most noisy)")
+        style = "o-" if r["stop_scales"] else "x--"
+        ax.plot(range(len(th)), -np.log10(np.clip(1 - th, 1e-12, None)), style, ms=3,
+                label=f"{r['space']}, budget {r['budget']}")
+        if r["stop_scales"]:
+            bx.plot(range(len(th)), r["stop_scales"][:-1], style, ms=3, label=f"budget {r['budget']}")
     ax.set_ylabel("θ_t as −log10(1 − θ)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    bx.set_ylabel("stop scale (adaptive_cosine)")
+    bx.set_xlabel("sampling step (0 = most noisy)")
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 

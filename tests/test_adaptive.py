@@ -13,8 +13,8 @@ from agsearch.cli import main
 from agsearch.evaluation import make_noise, sample_seeds
 from agsearch.policy import Policy, PolicyError
 from agsearch.sampling import Resume, sample
-from agsearch.search.adaptive import (Outcomes, calibrate, from_u, guided_steps, hard_outcome, soft_outcome,
-                                      stop_distribution, tabulate, to_u)
+from agsearch.search.adaptive import (STOP_PROBE, Outcomes, calibrate, from_u, guided_steps, hard_outcome,
+                                      soft_outcome, stop_distribution, tabulate, to_u)
 from agsearch.search.space import SearchSpace, SpaceError
 
 T, W = 6, 3.0  # a large scale on the random UNet, so that guidance matters
@@ -39,6 +39,10 @@ def test_per_step_thresholds_round_trip(tmp_path):
     resampled = loaded.resample(8)
     assert resampled.rule["thresholds"] == [0.9, 0.9, 0.95, 0.95, 1.0, 1.0, -1.0, -1.0]
     assert len(resampled.rule["scales"]) == 8
+    stopping = Policy.adaptive(4, 1.5, [0.9, 0.95, 1.0, -1.0], stop_scales=[1.5, 2.5, 1.0, 1.5])
+    loaded = Policy.load(stopping.save(tmp_path / "s.json"))
+    assert [loaded.stop_scale_at(i) for i in range(4)] == [1.5, 2.5, 1.0, 1.5] and policy.stop_scale_at(1) == 2.0
+    assert len(loaded.resample(8).rule["stop_scales"]) == 8
 
 
 @pytest.mark.parametrize("rule, pointer, fragment", [
@@ -49,6 +53,8 @@ def test_per_step_thresholds_round_trip(tmp_path):
     ({"threshold": 0.9, "thresholds": [0.9] * 4}, "/rule", "either 'threshold'"),
     ({}, "/rule", "either 'threshold'"),
     ({"threshold": 0.9, "scales": [1.0] * 5}, "/rule/scales", "5 scales listed"),
+    ({"threshold": 0.9, "stop_scales": [1.0] * 3}, "/rule/stop_scales", "3 stop_scales listed"),
+    ({"threshold": 0.9, "stop_scales": [1.0, -1.0, 1.0, 1.0]}, "/rule/stop_scales/1", "expected a value >= 0"),
 ])
 def test_bad_thresholds_name_the_field(rule, pointer, fragment):
     document = {"format": "agsearch.policy", "version": 1, "kind": "adaptive", "num_inference_steps": 4,
@@ -94,6 +100,21 @@ def test_per_step_scales_apply_while_guiding(denoiser):
     static = Policy.static([{"op": "cfg", "scale": s} for s in scales], W)
     assert torch.allclose(sample(denoiser, scheduler, never, noise, labels).samples,
                           sample(denoiser, scheduler, static, noise, labels).samples, atol=1e-6)
+
+
+def test_stop_scale_applies_at_the_step_where_a_sample_stops(denoiser, scheduler):
+    noise, labels = noise_and_labels()
+    k = 3  # every sample stops at step k − 1, which then runs CFG at its stop scale 1.7
+    rule = Policy.adaptive(T, W, [1.0] * (k - 1) + [-1.0] * (T - k + 1), stop_scales=[W] * (k - 1) + [1.7] + [W] * (T - k))
+    out = sample(denoiser, scheduler, rule, noise, labels)
+    static = Policy.static(["cfg"] * (k - 1) + [{"op": "cfg", "scale": 1.7}] + ["cond"] * (T - k), W)
+    expected = sample(denoiser, scheduler, static, noise, labels)
+    assert torch.allclose(out.samples, expected.samples, rtol=1e-5, atol=1e-5) and torch.equal(out.nfe, expected.nfe)
+    # A stop scale of 1 is cond at the stopping step (the uncond pass ran there but is not used).
+    cond_at_stop = Policy.adaptive(T, W, [1.0] * (k - 1) + [-1.0] * (T - k + 1), stop_scales=[1.0] * T)
+    out = sample(denoiser, scheduler, cond_at_stop, noise, labels)
+    expected = sample(denoiser, scheduler, Policy.static(["cfg"] * (k - 1) + ["cond"] * (T - k + 1), W), noise, labels)
+    assert torch.allclose(out.samples, expected.samples, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_continues_a_paused_trajectory(denoiser, scheduler):
@@ -146,6 +167,29 @@ def test_hard_outcome_is_what_the_sampler_does(denoiser, scheduler, tables):
     assert torch.allclose(mse, table.distance.gather(1, (k - 1)[:, None]).squeeze(1), rtol=1e-4, atol=1e-9)
 
 
+def test_stop_scale_tables_predict_the_sampler(denoiser, scheduler):
+    """With stop scales the tables hold the quadratic of the stopping step's scale; at the probe
+    scale it is exact: the hard rule's predicted per-sample distance is the sampler's."""
+    noise, labels = noise_and_labels(12)
+    table = tabulate(denoiser, scheduler, noise, labels, T, W, stop_scales=True)
+    plain = tabulate(denoiser, scheduler, noise, labels, T, W)
+    assert torch.equal(table.distance, plain.distance) and table.has_stop_scales and not plain.has_stop_scales
+    assert bool((table.cross[:, -1] == 0).all()) and bool((table.curvature >= 0).all()) and bool((table.curvature[:, 0] > 0).all())
+    teacher = sample(denoiser, scheduler, Policy.static(["cfg"] * T, W), noise, labels)
+    thresholds = [min(float(v), 0.999999) for v in torch.nanquantile(table.gamma, 0.5, dim=0)]
+    shift = torch.full((T,), STOP_PROBE, dtype=torch.float64)
+    out = sample(denoiser, scheduler, Policy.adaptive(T, W, thresholds, stop_scales=[W + STOP_PROBE] * T), noise, labels)
+    k = guided_steps(table.gamma, to_u(torch.tensor(thresholds, dtype=torch.float64)))
+    assert 1 < len(set(k.tolist())) and torch.equal(out.nfe.long(), T + k)
+    mse = (out.samples - teacher.samples).pow(2).flatten(1).mean(1).double()
+    predicted = table.distances(shift).gather(1, (k - 1)[:, None]).squeeze(1)
+    assert torch.allclose(mse, predicted, rtol=1e-3, atol=1e-9)
+    nfe, d = hard_outcome(table, to_u(torch.tensor(thresholds, dtype=torch.float64)), shift)
+    assert float(d) == pytest.approx(float(mse.mean()), rel=1e-3)
+    with pytest.raises(ValueError, match="stop scales are searched on the MSE"):
+        tabulate(denoiser, scheduler, noise, labels, T, W, distance="l1", stop_scales=True)
+
+
 def test_relaxation_is_a_distribution_and_tends_to_the_hard_rule(tables):
     _, _, table = tables
     u = torch.nanquantile(to_u(table.gamma), 0.5, dim=0)
@@ -174,8 +218,13 @@ def test_calibration_meets_the_budget(tables):
 # -- the space and the search -------------------------------------------------------------------------
 def test_adaptive_space_loads_and_refuses_ops_it_cannot_gate(tmp_path):
     space = SearchSpace.load("adaptive_cosine")
-    assert space.kind == "adaptive" and space.rule == {"rule": "ag_cosine", "space": "x0"}
+    assert space.kind == "adaptive" and space.rule == {"rule": "ag_cosine", "space": "x0", "stop_scales": True}
+    assert SearchSpace.load("adaptive_thresholds").rule["stop_scales"] is False
     assert SearchSpace.load(space.to_dict()) == SearchSpace.load(space.to_dict())
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: adaptive\nrule: {rule: ag_cosine, stop_scales: maybe}\nops: [{op: cfg}, {op: cond}]\n")
+    with pytest.raises(SpaceError, match="stop_scales: true or false"):
+        SearchSpace.load(path)
     for ops, fragment in (("[{op: cfg}, {op: cond}, {op: uncond}]", "gates CFG at the run's scale against cond"),
                           ("[{op: cfg, scales: [1, 2]}, {op: cond}]", "without scales"),
                           ("[{op: cfg}, {op: cond}]\nrelaxation: {kind: gumbel_st}", "expected one of stopping")):
@@ -207,7 +256,8 @@ def test_adaptive_search_cli_writes_a_calibrated_rule_and_wandb_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "θ_t =" in proc.stdout and "AG γ̄=" in proc.stdout  # the comparison with AG at the same calibration
     policy = Policy.load(out)
-    assert policy.kind == "adaptive" and len(policy.rule["thresholds"]) == T
+    assert policy.kind == "adaptive" and len(policy.rule["thresholds"]) == T and len(policy.rule["stop_scales"]) == T
+    assert policy.rule["stop_scales"][-1] == 1.5  # the last step's is never used
     calibration = policy.provenance["search"]["calibration"]
     assert calibration["pairs"] == 16 and abs(calibration["mean_nfe"] - 9) <= 1
     assert {"nfe", "accuracy", "mse", "fd"} <= set(policy.metrics["eval"])
@@ -215,11 +265,12 @@ def test_adaptive_search_cli_writes_a_calibrated_rule_and_wandb_files(tmp_path):
     history = json.loads((run / "thresholds.json").read_text())
     assert len(history["epochs"]) == 3 and len(history["epochs"][-1]["thresholds"]) == T
     assert len(history["epochs"][-1]["guided"]) == T and (run / "thresholds.png").is_file()
+    assert history["epochs"][-1]["stop_scales"] == policy.rule["stop_scales"]
     (wandb_run,) = (run / "wandb").glob("offline-run-*")
     tables = list((wandb_run / "files" / "media" / "table" / "thresholds").glob("*.table.json"))
     images = list((wandb_run / "files" / "media" / "images" / "thresholds").glob("*.png"))
     assert len(tables) == 3 and len(images) == 3
-    assert json.loads(tables[0].read_text())["columns"] == ["step", "theta", "guided_share"]
+    assert json.loads(tables[0].read_text())["columns"] == ["step", "theta", "guided_share", "stop_scale"]
 
 
 def test_adaptive_same_seed_same_policy_and_export(tmp_path, capsys):
@@ -228,7 +279,10 @@ def test_adaptive_same_seed_same_policy_and_export(tmp_path, capsys):
         assert run_cli(capsys, "search", *adaptive_args(root))[0] == 0
         (run,) = (root / "runs").iterdir()
         policies.append(Policy.load(run / "policy.json"))
-    assert policies[0].rule == policies[1].rule
+    assert policies[0].rule == policies[1].rule and "stop_scales" in policies[0].rule
+    assert run_cli(capsys, "search", *adaptive_args(tmp_path / "c"), "--model.space=adaptive_thresholds")[0] == 0
+    (plain,) = (tmp_path / "c" / "runs").iterdir()
+    assert "stop_scales" not in Policy.load(plain / "policy.json").rule  # thresholds only: AG's CFG at the stop
     ckpt = run / "checkpoints" / "last.ckpt"
     code, out, err = run_cli(capsys, "export", ckpt, "--budget", 11, "--out", tmp_path / "b11.json")
     assert code == 0, err
@@ -244,6 +298,7 @@ def test_adaptive_same_seed_same_policy_and_export(tmp_path, capsys):
     (["--model.straight_through=sampled"], "does not apply to the adaptive space"),
     (["--model.polish_rounds=1"], "does not apply to the adaptive space"),
     (["--model.temperature_end=-0.1"], "positive number"),
+    (["--model.distance=l1"], "needs model.distance=mse"),
 ])
 def test_adaptive_search_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, fragment):
     code, out, err = run_cli(capsys, "search", *adaptive_args(tmp_path), *extra)

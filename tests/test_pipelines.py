@@ -172,6 +172,25 @@ def test_per_step_thresholds_on_a_pipeline(pipes):
     assert counter.rows == runner.nfe.sum()
 
 
+def test_stop_scales_on_a_pipeline(pipes):
+    """The step at which a sample stops runs CFG at the rule's stop scale there (per sample), as
+    the sampler does: a rule that stops every sample at step 1 with stop scale s equals the static
+    policy cfg, cfg@s, cond, cond."""
+    pipe = pipes["sd"]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    prompts = ["a red cube", "a cat"]
+    rule = Policy.adaptive(T, W, [1.0, -1.0, -1.0, -1.0], stop_scales=[W, 2.5, W, W])
+    with apply_policy(pipe, rule) as runner, RowCounter(pipe) as counter:
+        stopped = _call(pipe, prompts, latents=latents)
+    assert runner.nfe.tolist() == [T + 2.0] * 2 and counter.rows == 2 * (T + 2)
+    with apply_policy(pipe, Policy.static(["cfg", {"op": "cfg", "scale": 2.5}, "cond", "cond"], W)):
+        static = _call(pipe, prompts, latents=latents)
+    torch.testing.assert_close(stopped, static, rtol=0, atol=1e-5)
+    with apply_policy(pipe, Policy.adaptive(T, W, [1.0, -1.0, -1.0, -1.0])):
+        plain = _call(pipe, prompts, latents=latents)
+    assert not torch.allclose(stopped, plain, atol=1e-4)  # the stop scale did change the result
+
+
 def test_step_count_mismatch_is_refused_unless_resampled(pipes):
     pipe = pipes["sd"]
     policy = Policy.static(["cfg", "cfg", "cond", "cond"], W)

@@ -17,6 +17,12 @@ gradient (:func:`tabulate`):
 The branches share the teacher's prefix: the loop pauses it at every step (``sampling.Resume``)
 and continues with ``cond``, T(T − 1)/2 evaluations per pair on top of the teacher's 2T.
 
+**Stop scales** (a space with ``rule: {stop_scales: true}``). The step at which a sample stops ran
+both passes, so its scale is free: w + δ_s (δ = 0 is AG's convention; a larger scale makes up for
+the guidance the sample will not get). The final sample is close to linear in one step's scale,
+so one more continuation per stop, with the stopping step at w + 1, turns the distance column of
+that stop into a quadratic in δ_s (:class:`Outcomes`); δ (T,) is trained with θ.
+
 **Relaxation.** At step s a sample stops with probability σ((u(γ_s) − φ_s)/τ), u(c) = −log(1 − c)
 (cosines crowd near 1; u spreads them: 0.9 → 2.3, 0.99 → 4.6, 0.999 → 6.9), φ_s = u(θ_s) the
 trainable parameters. The probability of still guiding after step t is Π_{s≤t} σ((φ_s − u(γ_s))/τ),
@@ -59,21 +65,49 @@ def from_u(u: torch.Tensor | float) -> torch.Tensor:
 
 @dataclass
 class Outcomes:
-    """What a threshold rule can do to N pairs (see the module doc)."""
+    """What a threshold rule can do to N pairs (see the module doc).
+
+    With stop scales, the stopping step's scale w + δ changes the final sample by ≈ δ · D (the
+    final sample is close to linear in one step's scale; D from one probe at w + 1), so the
+    distance of stopping after k guided steps is the quadratic
+    ``distance + 2 δ · cross + δ² · curvature`` in that step's δ (MSE: the mean of (E + δ D)²).
+    """
 
     gamma: torch.Tensor  # (N, T) γ_t on the teacher's trajectory
     distance: torch.Tensor  # (N, T) column k − 1: distance after k guided steps (last column 0)
+    cross: torch.Tensor | None = None  # (N, T) mean(E · D) of the same columns (last column 0)
+    curvature: torch.Tensor | None = None  # (N, T) mean(D · D)
 
     @property
     def num_steps(self) -> int:
         return self.gamma.shape[1]
 
+    @property
+    def has_stop_scales(self) -> bool:
+        return self.cross is not None
+
     def __getitem__(self, rows) -> "Outcomes":
-        return Outcomes(self.gamma[rows], self.distance[rows])
+        pick = lambda v: None if v is None else v[rows]  # noqa: E731
+        return Outcomes(self.gamma[rows], self.distance[rows], pick(self.cross), pick(self.curvature))
+
+    def to(self, device) -> "Outcomes":
+        move = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return Outcomes(self.gamma.to(device), self.distance.to(device), move(self.cross), move(self.curvature))
 
     @classmethod
     def cat(cls, parts: list["Outcomes"]) -> "Outcomes":
-        return cls(torch.cat([p.gamma for p in parts]), torch.cat([p.distance for p in parts]))
+        join = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return cls(join("gamma"), join("distance"), join("cross"), join("curvature"))
+
+    def distances(self, stop_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T): the distance of every stopping column, with the stopping step's scale shifted by
+        ``stop_shift`` (T,) (column k − 1 stops at step k − 1, so it takes δ_{k−1})."""
+        if stop_shift is None:
+            return self.distance
+        if not self.has_stop_scales:
+            raise ValueError("these tables have no stop-scale terms: tabulate them with stop_probe")
+        delta = stop_shift.to(self.distance)
+        return self.distance + 2 * delta * self.cross + delta.pow(2) * self.curvature
 
 
 @torch.no_grad()
@@ -83,14 +117,21 @@ def teacher_gamma(denoiser, scheduler, noise, cond, num_steps: int, guidance_sca
     return out.samples, (out.cosine_x0 if space == "x0" else out.cosine_eps).T.contiguous()
 
 
+STOP_PROBE = 1.0  # the stop-scale probe runs the stopping step at w + STOP_PROBE
+
+
 @torch.no_grad()
 def tabulate(denoiser, scheduler, noise, cond, num_steps: int, guidance_scale: float, space: str = "x0",
-             distance: str = "mse", progress: bool | None = None) -> Outcomes:
+             distance: str = "mse", progress: bool | None = None, stop_scales: bool = False) -> Outcomes:
     """γ and the distance of every stopping step for each pair, from one teacher trajectory and its
     T − 1 ``cond`` continuations (per sample distances: mean over elements, ``mse`` or ``l1``).
+    ``stop_scales`` (MSE only): also the terms of the stopping step's scale (:class:`Outcomes`),
+    from T − 1 more continuations that run the stopping step at w + ``STOP_PROBE``.
     ``progress``: a bar over the continuations (None: only on a terminal)."""
     from tqdm.auto import tqdm
 
+    if stop_scales and distance != "mse":
+        raise ValueError(f"stop scales are searched on the MSE (a quadratic in the scale), not {distance!r}")
     T = num_steps
     paused: dict[int, Resume] = {}
 
@@ -102,13 +143,21 @@ def tabulate(denoiser, scheduler, noise, cond, num_steps: int, guidance_scale: f
     teacher = sample(denoiser, scheduler, full, noise, cond, callback=pause)
     gamma = (teacher.cosine_x0 if space == "x0" else teacher.cosine_eps).T.contiguous()
     cond_only = Policy.static(["cond"] * T, guidance_scale)
+    probe = guidance_scale + STOP_PROBE
     table = torch.zeros(len(noise), T, dtype=torch.float64, device=noise.device)
+    cross, curvature = (torch.zeros_like(table), torch.zeros_like(table)) if stop_scales else (None, None)
     bar = tqdm(range(1, T), desc=f"tabulating {len(noise)} pairs", unit="stop", leave=False, disable=None if progress is None else not progress)
     for k in bar:  # guide k steps (0 … k − 1), then cond from step k
         final = sample(denoiser, scheduler, cond_only, noise, cond, resume=paused[k]).samples
         diff = (final - teacher.samples).flatten(1).double()
         table[:, k - 1] = diff.pow(2).mean(1) if distance == "mse" else diff.abs().mean(1)
-    return Outcomes(gamma.double(), table)
+        if stop_scales:  # the same stop with step k − 1 at the probe scale
+            probed = Policy.static(["cfg"] * (k - 1) + [{"op": "cfg", "scale": probe}] + ["cond"] * (T - k), guidance_scale)
+            moved = sample(denoiser, scheduler, probed, noise, cond, resume=paused.get(k - 1)).samples
+            direction = (moved - final).flatten(1).double() / STOP_PROBE  # D: per unit of scale
+            cross[:, k - 1] = (diff * direction).mean(1)
+            curvature[:, k - 1] = direction.pow(2).mean(1)
+    return Outcomes(gamma.double(), table, cross, curvature)
 
 
 # -- the rule on the tables ----------------------------------------------------------------------
@@ -123,11 +172,13 @@ def guided_steps(gamma: torch.Tensor, u_thresholds: torch.Tensor) -> torch.Tenso
     return first + 1
 
 
-def hard_outcome(outcomes: Outcomes, u_thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean NFE, mean distance) of the hard rule on tabulated pairs."""
+def hard_outcome(outcomes: Outcomes, u_thresholds: torch.Tensor,
+                 stop_shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NFE, mean distance) of the hard rule on tabulated pairs (``stop_shift`` (T,): each
+    step's stop scale minus the guided scale)."""
     k = guided_steps(outcomes.gamma, u_thresholds)
     T = outcomes.num_steps
-    d = outcomes.distance.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+    d = outcomes.distances(stop_shift).gather(1, (k - 1).unsqueeze(1)).squeeze(1)
     return (T + k).double().mean(), d.mean()
 
 
@@ -143,13 +194,14 @@ def stop_distribution(gamma: torch.Tensor, u_thresholds: torch.Tensor, tau: floa
     return P, guided
 
 
-def soft_outcome(outcomes: Outcomes, u_thresholds: torch.Tensor, tau: float):
-    """(E[NFE], E[distance], guided share per step (T,)) of the relaxed rule, differentiable in θ."""
+def soft_outcome(outcomes: Outcomes, u_thresholds: torch.Tensor, tau: float, stop_shift: torch.Tensor | None = None):
+    """(E[NFE], E[distance], guided share per step (T,)) of the relaxed rule, differentiable in θ
+    (and in the stop scales' shifts ``stop_shift``)."""
     P, guided = stop_distribution(outcomes.gamma, u_thresholds, tau)
     T = outcomes.num_steps
     k = torch.arange(1, T + 1, dtype=P.dtype, device=P.device)
     e_nfe = T + (P * k).sum(1).mean()
-    e_dist = (P * outcomes.distance.to(P)).sum(1).mean()
+    e_dist = (P * outcomes.distances(stop_shift).to(P)).sum(1).mean()
     return e_nfe, e_dist, guided.mean(0)
 
 
@@ -179,8 +231,8 @@ class ThresholdSearchModule(pl.LightningModule):
 
     What ``PolicySearchModule(space=<an adaptive space>, ...)`` becomes (so ``agsearch search
     --model.space=adaptive_cosine`` selects it); it takes the same arguments, and those that only
-    mean something for gates must keep their defaults. The trainable parameter is ``thresholds_u``
-    (T,), u(θ_t); the tables of every pair are computed once, without gradients, and cached, so
+    mean something for gates must keep their defaults. The trainable parameters are ``thresholds_u``
+    (T,), u(θ_t), and with stop scales ``stop_shift`` (T,), δ_t; the tables of every pair are computed once, without gradients, and cached, so
     after the first epoch a step costs microseconds.
     """
 
@@ -225,11 +277,18 @@ class ThresholdSearchModule(pl.LightningModule):
         # stops (θ = 1); "uniform" at θ = 0.9.
         start = U_MAX if init == "teacher" else float(to_u(0.9))
         self.thresholds_u = torch.nn.Parameter(torch.full((T,), start, dtype=torch.float64))
+        # δ_t: the stop scale of step t minus the guided scale (0: AG's convention, CFG at w).
+        if self.searches_stop_scales:
+            _check(distance == "mse", f"the space {self.space.name!r} searches stop scales, which needs "
+                                      f"model.distance=mse, not {distance!r}")
+            self.stop_shift = torch.nn.Parameter(torch.zeros(T, dtype=torch.float64))
+        else:
+            self.register_parameter("stop_shift", None)
         self.register_buffer("dual", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_scale", torch.zeros((), dtype=torch.float64))
         self.register_buffer("initialised", torch.tensor(init != "budget"))
         self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[int, Outcomes] = {}  # per noise seed, rows of (1, T)
         self._calibration: dict[tuple[int, int], torch.Tensor] = {}
         self.search_seconds = 0.0
         self._fit_started: float | None = None
@@ -247,6 +306,18 @@ class ThresholdSearchModule(pl.LightningModule):
     @property
     def rule_space(self) -> str:
         return self.space.rule["space"]
+
+    @property
+    def searches_stop_scales(self) -> bool:
+        return bool(self.space.rule.get("stop_scales", False))
+
+    def stop_scales(self) -> list[float] | None:
+        """Each step's stop scale w + δ_t (≥ 0; the last step's is never used and stays w), or None."""
+        if self.stop_shift is None:
+            return None
+        scales = (self.guidance_scale + self.stop_shift.detach().cpu()).clamp_min(0.0)
+        scales[-1] = self.guidance_scale
+        return [round(float(v), 6) for v in scales]
 
     def thresholds(self, offset: float = 0.0) -> list[float]:
         """θ_t (T,) of the hard rule, with ``offset`` added to every u(θ_t)."""
@@ -268,11 +339,11 @@ class ThresholdSearchModule(pl.LightningModule):
             cond = self.backend.condition(batch["label"][idx])
             with torch.autocast(self.device.type, enabled=False):
                 table = tabulate(self.backend.denoiser, self.backend.scheduler, noise, cond, self.num_inference_steps,
-                                 self.guidance_scale, self.rule_space, self.hparams.distance)
+                                 self.guidance_scale, self.rule_space, self.hparams.distance,
+                                 stop_scales=self.searches_stop_scales).to("cpu")
             for n, j in enumerate(missing):
-                self._tables[int(seeds[j])] = (table.gamma[n].cpu(), table.distance[n].cpu())
-        rows = [self._tables[int(s)] for s in seeds.tolist()]
-        return Outcomes(torch.stack([g for g, _ in rows]).to(self.device), torch.stack([d for _, d in rows]).to(self.device))
+                self._tables[int(seeds[j])] = table[n:n + 1]
+        return Outcomes.cat([self._tables[int(s)] for s in seeds.tolist()]).to(self.device)
 
     @torch.no_grad()
     def calibration_gamma(self, seed: int, pairs: int) -> torch.Tensor:
@@ -294,7 +365,7 @@ class ThresholdSearchModule(pl.LightningModule):
         """Per step, the 5/50/95% quantiles of the teacher's γ over the pairs tabulated so far."""
         if not self._tables:
             return None
-        gamma = torch.stack([g for g, _ in self._tables.values()])
+        gamma = torch.cat([t.gamma for t in self._tables.values()])
         q = torch.nanquantile(gamma, torch.tensor([0.05, 0.5, 0.95], dtype=gamma.dtype), dim=0)  # (3, T)
         return [[round(float(v), 8) for v in q[:, t]] for t in range(q.shape[1])]
 
@@ -310,7 +381,7 @@ class ThresholdSearchModule(pl.LightningModule):
                 self.thresholds_u.fill_(float(calibrate(gamma.cpu(), torch.zeros(T, dtype=torch.float64), budget)))
             self.initialised.fill_(True)
         tau = self.temperature()
-        e_nfe, e_dist, guided = soft_outcome(table, self.thresholds_u, tau)
+        e_nfe, e_dist, guided = soft_outcome(table, self.thresholds_u, tau, self.stop_shift)
         if self.loss_scale.item() == 0:
             d0 = e_dist.detach().clamp_min(1e-12)
             if self.trainer.world_size > 1:
@@ -321,7 +392,7 @@ class ThresholdSearchModule(pl.LightningModule):
             raise NonFiniteLossError(f"search loss is {loss.item()} at step {self.global_step} "
                                      f"(distance {e_dist.item()}, λ {self.dual.item():.4g}); the run stopped")
         with torch.no_grad():
-            hard_nfe, hard_dist = hard_outcome(table, self.thresholds_u)
+            hard_nfe, hard_dist = hard_outcome(table, self.thresholds_u, self.stop_shift)
         self._last_nfe = e_nfe.detach()
         self.last_guided = guided.detach().cpu()
         B = len(batch["seed"])
@@ -344,15 +415,15 @@ class ThresholdSearchModule(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
         table = self.outcomes(batch)
-        e_nfe, e_dist, _ = soft_outcome(table, self.thresholds_u, self.temperature())
-        hard_nfe, hard_dist = hard_outcome(table, self.thresholds_u)
+        e_nfe, e_dist, _ = soft_outcome(table, self.thresholds_u, self.temperature(), self.stop_shift)
+        hard_nfe, hard_dist = hard_outcome(table, self.thresholds_u, self.stop_shift)
         self.log_dict({
             "val/relaxed_distance": e_dist, "val/expected_nfe": e_nfe,
             "val/discrete_distance": hard_dist, "val/discrete_nfe": hard_nfe,
         }, on_epoch=True, batch_size=len(batch["seed"]), sync_dist=True)
 
     def configure_optimizers(self):
-        return torch.optim.Adam([self.thresholds_u], lr=self.hparams.lr)
+        return torch.optim.Adam([p for p in (self.thresholds_u, self.stop_shift) if p is not None], lr=self.hparams.lr)
 
     # Timing and device hooks as in the gate search.
     on_fit_start = PolicySearchModule.on_fit_start
@@ -383,7 +454,8 @@ class ThresholdSearchModule(pl.LightningModule):
             "seconds": round(self.search_seconds, 2), **provenance,
         }
         return Policy.adaptive(
-            T, self.guidance_scale, thresholds, self.rule_space, name=f"searched-{self.space.name}-{budget}",
+            T, self.guidance_scale, thresholds, self.rule_space, stop_scales=self.stop_scales(),
+            name=f"searched-{self.space.name}-{budget}",
             provenance={**self.backend.provenance(), "scheduler": type(self.backend.scheduler).__name__,
                         "num_inference_steps": T, "guidance_scale": self.guidance_scale, "search": search},
         )

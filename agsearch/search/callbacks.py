@@ -122,13 +122,16 @@ class GateMonitor(_History):
 
 
 def plot_thresholds(thresholds: list[float], guided: list[float], gamma_quantiles: list[list[float]] | None = None,
-                    title: str = ""):
-    """θ_t per step over the teacher's γ_t (5/50/95% quantiles), and the share still guided."""
+                    title: str = "", stop_scales: list[float] | None = None, guidance_scale: float | None = None):
+    """θ_t per step over the teacher's γ_t (5/50/95% quantiles), the share still guided, and the
+    stop scales (when the rule has them) against the guided scale."""
     import matplotlib.pyplot as plt
 
     T = len(thresholds)
     steps = list(range(T))
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * T + 2), 5.2), sharex=True)
+    rows = 3 if stop_scales is not None else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(max(6.0, 0.3 * T + 2), 2.6 * rows), sharex=True)
+    ax, bx = axes[0], axes[1]
 
     def nines(c):  # −log10(1 − c): 0.9 → 1, 0.99 → 2; cosines crowd near 1
         import math
@@ -145,7 +148,14 @@ def plot_thresholds(thresholds: list[float], guided: list[float], gamma_quantile
     bx.step(steps, guided, where="mid", color="tab:green")
     bx.set_ylim(0, 1.02)
     bx.set_ylabel("share guided")
-    bx.set_xlabel("sampling step (0 = most noisy)")
+    if stop_scales is not None:
+        cx = axes[2]
+        cx.plot(steps[:-1], stop_scales[:-1], color="tab:purple", marker="o", ms=3, label="stop scale")
+        if guidance_scale is not None:
+            cx.axhline(guidance_scale, color="grey", lw=1, ls="--", label=f"guided scale w = {guidance_scale:g}")
+        cx.set_ylabel("scale at the stop")
+        cx.legend(fontsize=7, loc="upper left", framealpha=0.6)
+    axes[-1].set_xlabel("sampling step (0 = most noisy)")
     fig.tight_layout()
     return fig
 
@@ -170,6 +180,9 @@ class ThresholdMonitor(_History):
             "thresholds": [round(v, 8) for v in module.thresholds()],
             "guided": [round(float(v), 5) for v in module.last_guided],
         }
+        stop_scales = module.stop_scales()
+        if stop_scales is not None:
+            entry["stop_scales"] = stop_scales
         self.history.append(entry)
         if not trainer.is_global_zero:
             return
@@ -177,7 +190,8 @@ class ThresholdMonitor(_History):
         e_nfe = metrics.get("train/expected_nfe", float("nan"))
         title = (f"{module.space.name}, epoch {entry['epoch']}, step {entry['step']}: "
                  f"E[NFE] {e_nfe:.2f}, budget {module.hparams.budget} (before calibration)")
-        png = _figure_png(plot_thresholds(entry["thresholds"], entry["guided"], module.gamma_quantiles(), title))
+        png = _figure_png(plot_thresholds(entry["thresholds"], entry["guided"], module.gamma_quantiles(), title,
+                                          stop_scales, module.guidance_scale))
         atomic_write_bytes(self.run_dir / "thresholds.png", png)
         for logger in _wandb_loggers(trainer):
             import io
@@ -186,8 +200,10 @@ class ThresholdMonitor(_History):
             from PIL import Image
 
             logger.log_image(key="thresholds/curve", images=[wandb.Image(Image.open(io.BytesIO(png)), caption=title)])
-            rows = [[t, th, g] for t, (th, g) in enumerate(zip(entry["thresholds"], entry["guided"]))]
-            logger.log_table(key="thresholds/table", columns=["step", "theta", "guided_share"], data=rows)
+            columns = ["step", "theta", "guided_share"] + (["stop_scale"] if stop_scales is not None else [])
+            rows = [[t, th, g, *([stop_scales[t]] if stop_scales is not None else [])]
+                    for t, (th, g) in enumerate(zip(entry["thresholds"], entry["guided"]))]
+            logger.log_table(key="thresholds/table", columns=columns, data=rows)
             logger.log_metrics({"thresholds/temperature": entry["temperature"], "thresholds/dual": entry["dual"],
                                 "epoch": entry["epoch"]}, step=trainer.global_step)
 

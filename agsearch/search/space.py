@@ -21,7 +21,8 @@ rule instead of gates: per-step thresholds θ_t on the agreement γ_t = cos(cond
 
     name: adaptive_cosine
     kind: adaptive
-    rule: {rule: ag_cosine, space: x0}         # γ in x̂_0 space (or eps)
+    rule: {rule: ag_cosine, space: x0, stop_scales: true}   # γ in x̂_0 space (or eps); also
+                                               # search each step's scale for the samples stopping there
     ops: [{op: cfg, nfe: 2}, {op: cond, nfe: 1}]   # the only pair the rule can gate
     relaxation:
       kind: stopping                           # P(still guiding) = Π σ((θ_s − γ_s)/τ)
@@ -151,10 +152,12 @@ class SearchSpace:
             raise SpaceError(f"{where}'rule' belongs to an adaptive space (kind: adaptive)")
         if kind == "adaptive":
             rule = {"rule": "ag_cosine", "space": "x0"} if rule is None else rule
-            if not isinstance(rule, dict) or set(rule) - {"rule", "space"} or rule.get("rule", "ag_cosine") != "ag_cosine" \
-                    or rule.get("space", "x0") not in RULE_SPACES:
-                raise SpaceError(f"{where}rule: expected {{rule: ag_cosine, space: x0 or eps}}, got {rule!r}")
-            rule = {"rule": "ag_cosine", "space": rule.get("space", "x0")}
+            if not isinstance(rule, dict) or set(rule) - {"rule", "space", "stop_scales"} \
+                    or rule.get("rule", "ag_cosine") != "ag_cosine" or rule.get("space", "x0") not in RULE_SPACES \
+                    or not isinstance(rule.get("stop_scales", False), bool):
+                raise SpaceError(f"{where}rule: expected {{rule: ag_cosine, space: x0 or eps, stop_scales: true or false}}, "
+                                 f"got {rule!r}")
+            rule = {"rule": "ag_cosine", "space": rule.get("space", "x0"), "stop_scales": rule.get("stop_scales", False)}
         ops = document.get("ops")
         if not isinstance(ops, list) or not ops:
             raise SpaceError(f"{where}'ops' must be a non-empty list, got {ops!r}")

@@ -215,6 +215,29 @@ class Resume:
     x: torch.Tensor
     scheduler: object
 
+    def repeat(self, n: int) -> "Resume":
+        """The same paused trajectory ``n`` times over in one batch (rows ``[j·B, (j+1)·B)`` are copy
+        j): ``x`` and every per-sample tensor of the scheduler's state (a multistep history of
+        model outputs, shaped like ``x``) are tiled."""
+        return self._rows(lambda v: v.repeat(n, *([1] * (v.dim() - 1))))
+
+    def _rows(self, fn) -> "Resume":
+        shape = tuple(self.x.shape)
+
+        def apply(value):
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == shape:
+                return fn(value)
+            if isinstance(value, list):
+                return [apply(v) for v in value]
+            if isinstance(value, tuple):
+                return tuple(apply(v) for v in value)
+            return value
+
+        scheduler = copy.deepcopy(self.scheduler)
+        for name, value in vars(scheduler).items():
+            setattr(scheduler, name, apply(value))
+        return Resume(self.i, apply(self.x), scheduler)
+
 
 @dataclass
 class SampleOutput:

@@ -135,3 +135,28 @@ def test_noise_is_per_sample():
 def test_sample_needs_policy_or_controller(denoiser, scheduler):
     with pytest.raises(ValueError, match="needs a policy"):
         sample(denoiser, scheduler, None, make_noise([0]), balanced_labels(1))
+
+
+def test_a_repeated_resume_runs_several_continuations_in_one_batch(denoiser, scheduler):
+    """``Resume.repeat``: one paused trajectory continued under three policies in one batch gives
+    each continuation run alone (DPM++ carries a per-sample history of model outputs)."""
+    from agsearch.sampling import Resume
+
+    noise, labels = make_noise(list(range(4))), torch.arange(4)
+    head = ["cfg", "cfg", "cond", "cfg"]
+    tails = [["cfg"] * 6, ["cond"] * 6, [{"op": "cfg", "scale": 5.0}, *["cond"] * 5]]
+    paused = {}
+    sample(denoiser, scheduler, Policy.static(head + tails[0], 3.0), noise, labels,
+           callback=lambda st: paused.setdefault(st.i, Resume(st.i, st.x, copy.deepcopy(st.scheduler))))
+    resume = paused[len(head)]
+    alone = [sample(denoiser, scheduler, Policy.static(head + tail, 3.0), noise, labels, resume=resume).samples
+             for tail in tails]
+    from agsearch.search.module import GateController
+
+    ops = [{"op": "cfg"}, {"op": "cond"}, {"op": "cfg", "scale": 5.0}]
+    picks = [[ops.index(s if isinstance(s, dict) else {"op": s}) for s in head + tail] for tail in tails]
+    weights = torch.cat([torch.nn.functional.one_hot(torch.tensor(p), 3).float().expand(4, -1, -1) for p in picks])
+    together = sample(denoiser, scheduler, None, noise.repeat(3, 1, 1, 1), labels.repeat(3),
+                      controller=GateController(ops, weights, 3.0, False), resume=resume.repeat(3)).samples
+    for j in range(3):
+        torch.testing.assert_close(together[4 * j:4 * (j + 1)], alone[j], rtol=1e-5, atol=1e-5)

@@ -325,6 +325,23 @@ def test_other_lightning_loggers_through_the_config(tmp_path, capsys):
     assert (only_run_dir(tmp_path) / "gates.json").is_file()  # the gate history does not need W&B
 
 
+def test_checkpointing_defaults_by_device_and_gives_the_same_gradients():
+    from agsearch.search.data import PairDataset
+    from agsearch.search.module import PolicySearchModule
+
+    auto = PolicySearchModule(space="minimal", num_inference_steps=4, budget=6)
+    assert auto.hparams.checkpointing is None and auto.checkpointing is False  # CPU: memory is not the limit
+    assert PolicySearchModule(space="minimal", num_inference_steps=4, budget=6, checkpointing=True).checkpointing
+    batch = PairDataset(3, 4).batch()
+    grads = []
+    for checkpointing in (False, True):
+        auto.gate_logits.grad = None
+        weights = auto.gate_weights(batch["seed"])
+        auto._student_distance(batch, weights, True, checkpointing)[0].backward()
+        grads.append(auto.gate_logits.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
+
+
 def test_polish_keeps_the_nfe_and_never_raises_the_distance():
     from agsearch.search.data import PairDataset
     from agsearch.search.module import PolicySearchModule

@@ -158,7 +158,10 @@ class PolicySearchModule(pl.LightningModule):
         straight_through: ``all`` computes every op's passes so every gate gets a gradient;
             ``sampled`` runs only the sampled op (fewer NFE in the forward pass, gradients only
             through the chosen op, as in GDAS).
-        checkpointing: gradient-checkpoint every denoiser call of the student trajectory.
+        checkpointing: gradient-checkpoint every denoiser call of the student trajectory, so its
+            activation memory stays flat in T. None (the default) decides by device: on for an
+            accelerator (CUDA, MPS), off on CPU, where memory is plentiful and recomputing every
+            call costs about 45% of a search step (results/search_memory.md).
         discretization: ``exact`` (meets the budget exactly) or ``argmax``.
         optimizer: ``shared_adam`` (Adam with one second-moment scale for all gates, see
             ``SharedScaleAdam``) or ``adam``.
@@ -195,7 +198,7 @@ class PolicySearchModule(pl.LightningModule):
         temperature_start: float | None = None,
         temperature_end: float | None = None,
         straight_through: str = "all",
-        checkpointing: bool = True,
+        checkpointing: bool | None = None,
         discretization: str = "exact",
         init: str = "budget",
         optimizer: str = "shared_adam",
@@ -359,26 +362,40 @@ class PolicySearchModule(pl.LightningModule):
         reuse = all(c["op"] != "affine" for c in self.candidates)
         current_states: dict[int, Resume] = {}
 
-        def run(p: list[int], start: int = 0, keep: bool = False) -> tuple[float, dict[int, Resume]]:
-            """(distance of policy ``p`` resumed before step ``start``, its trajectory paused
-            before every step it ran, when ``keep``)."""
-            record["evaluations"] += 1
-            controller = GateController(self.candidates, self._hard_weights(p, B), self.guidance_scale, False, self.affine_coef)
+        def run(ps: list[list[int]], start: int = 0, keep: bool = False) -> tuple[list[float], dict[int, Resume]]:
+            """(distances of the policies ``ps``, all resumed before step ``start`` and run as one
+            batch, and the first one's trajectory paused before every step it ran, when ``keep``)."""
+            record["evaluations"] += len(ps)
+            M = len(ps)
+            weights = torch.cat([self._hard_weights(p, B) for p in ps])
+            controller = GateController(self.candidates, weights, self.guidance_scale, False, self.affine_coef)
             states: dict[int, Resume] = {}
 
             def pause(stats):
                 states[stats.i] = Resume(stats.i, stats.x, copy.deepcopy(stats.scheduler))
 
             resume = current_states.get(start) if reuse and start > 0 else None
-            out = sample(self.backend.denoiser, self.backend.scheduler, None, noise, cond, controller=controller,
-                         callback=pause if keep else None, resume=resume)
-            return self._distance(out.samples, target).item(), states
+            out = sample(self.backend.denoiser, self.backend.scheduler, None,
+                         noise.repeat(M, *([1] * (noise.dim() - 1))), self.backend.condition(batch["label"].repeat(M)),
+                         controller=controller, callback=pause if keep else None,
+                         resume=None if resume is None else resume.repeat(M))
+            distances = [self._distance(out.samples[j * B:(j + 1) * B], target).item() for j in range(M)]
+            return distances, states
 
         def first_change(p: list[int]) -> int:
             return next((i for i, (a, b) in enumerate(zip(p, picks)) if a != b), 0)
 
-        def distance(p: list[int]) -> float:
-            return run(p, first_change(p))[0]
+        def distances(ps: list[list[int]]) -> list[float]:
+            """Each policy's distance; those that change the current one from the same step on
+            resume from there together, in one batch."""
+            out: dict[int, float] = {}
+            starts: dict[int, list[int]] = {}
+            for j, p in enumerate(ps):
+                starts.setdefault(first_change(p), []).append(j)
+            for start, members in starts.items():
+                for j, d in zip(members, run([ps[j] for j in members], start)[0]):
+                    out[j] = d
+            return [out[j] for j in range(len(ps))]
 
         def moves(p: list[int], t: int):
             for j in range(len(self.costs)):
@@ -395,23 +412,27 @@ class PolicySearchModule(pl.LightningModule):
                     yield moved
 
         started = time.perf_counter()
-        current, current_states = run(picks, 0, keep=True)
+        (current,), current_states = run([picks], 0, keep=True)
         record["distance_before"] = current
         for _ in range(rounds):
             improved = False
             for t in range(len(picks)):
-                best = None
-                for moved in moves(picks, t):
-                    d = distance(moved)
-                    if d < current and (best is None or d < best[0]):
-                        best = (d, moved)
-                if best is not None:
-                    changed = [f"{s}:{labels[picks[s]]}->{labels[best[1][s]]}" for s in range(len(picks)) if best[1][s] != picks[s]]
-                    first = first_change(best[1])
-                    picks, improved = best[1], True
-                    current, states = run(picks, first, keep=True)  # re-pause from the first change on
-                    current_states = {**{i: v for i, v in current_states.items() if i < first}, **states}
-                    record["moves"].append(f"{', '.join(changed)} (distance {current:.6g})")
+                candidates = list(moves(picks, t))
+                if not candidates:
+                    continue
+                scores = distances(candidates)
+                j = min(range(len(candidates)), key=scores.__getitem__)
+                if scores[j] >= current:
+                    continue
+                moved, first = candidates[j], first_change(candidates[j])
+                # Alone (the batch size changes the last bits), pausing from the first change on.
+                (d,), states = run([moved], first, keep=True)
+                if d >= current:
+                    continue
+                changed = [f"{s}:{labels[picks[s]]}->{labels[moved[s]]}" for s in range(len(picks)) if moved[s] != picks[s]]
+                picks, current, improved = moved, d, True
+                current_states = {**{i: v for i, v in current_states.items() if i < first}, **states}
+                record["moves"].append(f"{', '.join(changed)} (distance {current:.6g})")
             record["rounds"] += 1
             if not improved:
                 break
@@ -433,7 +454,9 @@ class PolicySearchModule(pl.LightningModule):
         """``polish`` from the discretised gates and from the cutoff at the budget (where the space
         holds it); keeps the result with the lower distance on ``batch``. A local search from the
         gates alone can stay in their basin (e.g. ``cond`` at early steps, where the gradients are
-        blind); the cutoff is the hand-tuned policy the search must at least match."""
+        blind); the cutoff is the hand-tuned policy the search must at least match. (Continuing
+        only the start ahead after one round saved a quarter of the polish but lost 8% and 36% of
+        the distance on the validation pairs at 30 and 40 NFE: the start behind can overtake.)"""
         found = {"gates": self.polish(batch, picks, rounds)}
         cutoff = self.cutoff_picks(sum(self.costs[k] for k in picks))
         if cutoff is not None and cutoff != picks:
@@ -479,6 +502,14 @@ class PolicySearchModule(pl.LightningModule):
                 "search": search,
             },
         )
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the student's denoiser calls are gradient-checkpointed (``checkpointing=None``:
+        on an accelerator, not on CPU)."""
+        if self.hparams.checkpointing is None:
+            return self.device.type != "cpu"
+        return bool(self.hparams.checkpointing)
 
     # -- trajectories -----------------------------------------------------------------------------
     def _on_device(self):
@@ -534,7 +565,7 @@ class PolicySearchModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         weights = self.gate_weights(batch["seed"])
         compute_all = self.hparams.straight_through == "all"
-        distance, d_final = self._student_distance(batch, weights, compute_all, self.hparams.checkpointing)
+        distance, d_final = self._student_distance(batch, weights, compute_all, self.checkpointing)
         if self.loss_scale.item() == 0:
             d0 = distance.detach().clamp_min(1e-12)
             if self._trainer is not None:

@@ -134,6 +134,12 @@ class PolicyRunner:
     def _start(self) -> None:
         self.step, self.controller, self.nfe, self.ops, self.gammas = 0, None, None, [], []
 
+    def _chosen(self, plan) -> tuple[list[dict], list[float | None]]:
+        """Each sample's op under a hard plan (the op of its largest weight) and its CFG scale
+        (None for ``cond``/``uncond``)."""
+        ops = [plan.ops[k] for k in plan.weights.argmax(dim=1).tolist()]
+        return ops, [float(op.get("scale", self.default_scale)) if op["op"] == "cfg" else None for op in ops]
+
     def _step(self, *args, **kwargs):
         if self.step is None:  # the denoiser called outside a pipeline call: leave it alone
             return self._forward(*args, **kwargs)
@@ -154,8 +160,7 @@ class PolicyRunner:
         n = x_in.shape[0] // 2 if cfg_batch else x_in.shape[0]
         device = x_in.device
         plan = self.controller.plan(i, n, device)
-        choice = plan.weights.argmax(dim=1)  # (N,) a hard policy: one op per sample
-        ops = [plan.ops[k] for k in choice.tolist()]
+        ops, scales = self._chosen(plan)
         need = torch.tensor([op_passes(op) for op in ops], device=device)  # (N, 2): cond, uncond
         if not cfg_batch and bool(need[:, 1].any()):
             raise ValueError(f"the policy runs unconditional passes but the pipeline call has guidance_scale="
@@ -165,7 +170,6 @@ class PolicyRunner:
         self.step += 1
 
         w = float(self.pipe.guidance_scale)
-        scales = [float(op.get("scale", self.default_scale)) if op["op"] == "cfg" else None for op in ops]
         if not cfg_batch:  # every sample runs ``cond``: the pipeline's own batch is that
             self.forward_rows += n
             return self._forward(*args, **kwargs)
@@ -207,9 +211,7 @@ class PolicyRunner:
             self.gammas.append(cos_x0 if self.controller.space == "x0" else cos_eps)
             self.controller.observe(i, StepStats(i, t, x_in[n:], eps_c, eps_u, need[:, 0], need[:, 1], both,
                                                  cos_x0, cos_eps))
-            # A sample that stops here may run CFG at the rule's stop scale (same passes).
-            ops = [plan.ops[k] for k in plan.weights.argmax(dim=1).tolist()]
-            scales = [float(op.get("scale", self.default_scale)) if op["op"] == "cfg" else None for op in ops]
+            ops, scales = self._chosen(plan)  # a sample that stops here may run its stop scale (same passes)
 
         # What the pipeline's ε_u' + w (ε_c' − ε_u') must turn into each sample's op output.
         new_u, new_c = eps_u.clone(), eps_c.clone()

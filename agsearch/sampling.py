@@ -219,24 +219,21 @@ class Resume:
         """The same paused trajectory ``n`` times over in one batch (rows ``[j·B, (j+1)·B)`` are copy
         j): ``x`` and every per-sample tensor of the scheduler's state (a multistep history of
         model outputs, shaped like ``x``) are tiled."""
-        return self._rows(lambda v: v.repeat(n, *([1] * (v.dim() - 1))))
-
-    def _rows(self, fn) -> "Resume":
         shape = tuple(self.x.shape)
 
-        def apply(value):
+        def tile(value):
             if isinstance(value, torch.Tensor) and tuple(value.shape) == shape:
-                return fn(value)
+                return value.repeat(n, *([1] * (value.dim() - 1)))
             if isinstance(value, list):
-                return [apply(v) for v in value]
+                return [tile(v) for v in value]
             if isinstance(value, tuple):
-                return tuple(apply(v) for v in value)
+                return tuple(tile(v) for v in value)
             return value
 
         scheduler = copy.deepcopy(self.scheduler)
         for name, value in vars(scheduler).items():
-            setattr(scheduler, name, apply(value))
-        return Resume(self.i, apply(self.x), scheduler)
+            setattr(scheduler, name, tile(value))
+        return Resume(self.i, tile(self.x), scheduler)
 
 
 @dataclass

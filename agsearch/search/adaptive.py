@@ -105,7 +105,7 @@ class Outcomes:
         if stop_shift is None:
             return self.distance
         if not self.has_stop_scales:
-            raise ValueError("these tables have no stop-scale terms: tabulate them with stop_probe")
+            raise ValueError("these tables have no stop-scale terms: tabulate them with stop_scales=True")
         delta = stop_shift.to(self.distance)
         return self.distance + 2 * delta * self.cross + delta.pow(2) * self.curvature
 
@@ -232,8 +232,9 @@ class ThresholdSearchModule(pl.LightningModule):
     What ``PolicySearchModule(space=<an adaptive space>, ...)`` becomes (so ``agsearch search
     --model.space=adaptive_cosine`` selects it); it takes the same arguments, and those that only
     mean something for gates must keep their defaults. The trainable parameters are ``thresholds_u``
-    (T,), u(θ_t), and with stop scales ``stop_shift`` (T,), δ_t; the tables of every pair are computed once, without gradients, and cached, so
-    after the first epoch a step costs microseconds.
+    (T,), u(θ_t), and with stop scales ``stop_shift`` (T,), δ_t; the tables of every pair are
+    computed once, without gradients, and cached, so after the first epoch a step costs
+    microseconds.
     """
 
     def __init__(self, space: str | dict = "adaptive_cosine", budget: int = 40, model: str = "digits",

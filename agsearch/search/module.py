@@ -386,16 +386,19 @@ class PolicySearchModule(pl.LightningModule):
         def first_change(p: list[int]) -> int:
             return next((i for i, (a, b) in enumerate(zip(p, picks)) if a != b), 0)
 
-        def distances(ps: list[list[int]]) -> list[float]:
+        def distances(ps: list[list[int]]) -> list[tuple[float, dict[int, Resume] | None]]:
             """Each policy's distance; those that change the current one from the same step on
-            resume from there together, in one batch."""
-            out: dict[int, float] = {}
+            resume from there together, in one batch. A policy run alone also gives its paused
+            trajectory (a batch's distances differ from a lone run's in the last bits)."""
+            out: dict[int, tuple[float, dict[int, Resume] | None]] = {}
             starts: dict[int, list[int]] = {}
             for j, p in enumerate(ps):
                 starts.setdefault(first_change(p), []).append(j)
             for start, members in starts.items():
-                for j, d in zip(members, run([ps[j] for j in members], start)[0]):
-                    out[j] = d
+                alone = len(members) == 1
+                found, states = run([ps[j] for j in members], start, keep=alone)
+                for j, d in zip(members, found):
+                    out[j] = (d, states if alone else None)
             return [out[j] for j in range(len(ps))]
 
         def moves(p: list[int], t: int):
@@ -422,14 +425,15 @@ class PolicySearchModule(pl.LightningModule):
                 if not candidates:
                     continue
                 scores = distances(candidates)
-                j = min(range(len(candidates)), key=scores.__getitem__)
-                if scores[j] >= current:
-                    continue
-                moved, first = candidates[j], first_change(candidates[j])
-                # Alone (the batch size changes the last bits), pausing from the first change on.
-                (d,), states = run([moved], first, keep=True)
+                j = min(range(len(candidates)), key=lambda j: scores[j][0])
+                d, states = scores[j]
                 if d >= current:
                     continue
+                moved, first = candidates[j], first_change(candidates[j])
+                if states is None:  # confirmed alone, pausing from the first change on
+                    (d,), states = run([moved], first, keep=True)
+                    if d >= current:
+                        continue
                 changed = [f"{s}:{labels[picks[s]]}->{labels[moved[s]]}" for s in range(len(picks)) if moved[s] != picks[s]]
                 picks, current, improved = moved, d, True
                 current_states = {**{i: v for i, v in current_states.items() if i < first}, **states}

@@ -219,21 +219,31 @@ class Resume:
         """The same paused trajectory ``n`` times over in one batch (rows ``[j·B, (j+1)·B)`` are copy
         j): ``x`` and every per-sample tensor of the scheduler's state (a multistep history of
         model outputs, shaped like ``x``) are tiled."""
+        return self._map(lambda value: value.repeat(n, *([1] * (value.dim() - 1))))
+
+    def part(self, j: int, n: int) -> "Resume":
+        """Copy j of a batch of ``n`` trajectories (rows ``[j·B, (j+1)·B)``, ``B = len(x) / n``), e.g.
+        one policy of several run together from ``repeat(n)``."""
+        B = self.x.shape[0] // n
+        return self._map(lambda value: value[j * B:(j + 1) * B].clone())
+
+    def _map(self, rows) -> "Resume":
+        """``rows`` applied to ``x`` and to every per-sample tensor of (a copy of) the scheduler."""
         shape = tuple(self.x.shape)
 
-        def tile(value):
+        def apply(value):
             if isinstance(value, torch.Tensor) and tuple(value.shape) == shape:
-                return value.repeat(n, *([1] * (value.dim() - 1)))
+                return rows(value)
             if isinstance(value, list):
-                return [tile(v) for v in value]
+                return [apply(v) for v in value]
             if isinstance(value, tuple):
-                return tuple(tile(v) for v in value)
+                return tuple(apply(v) for v in value)
             return value
 
         scheduler = copy.deepcopy(self.scheduler)
         for name, value in vars(scheduler).items():
-            setattr(scheduler, name, tile(value))
-        return Resume(self.i, tile(self.x), scheduler)
+            setattr(scheduler, name, apply(value))
+        return Resume(self.i, apply(self.x), scheduler)
 
 
 @dataclass

@@ -9,7 +9,7 @@
 set -e
 mkdir -p results/linear_ag/policies
 for space in linear_ag linear_ag_train; do
-  agsearch search --model.space=$space --model.budget=30 --trainer.max_steps=16 --model.polish_rounds=1 \
+  agsearch search --model.space=$space --model.budget=30 --trainer.max_steps=16 --model.polish_rounds=1 --model.polish_from=both \
     --eval.samples=0 --wandb.mode=disabled --progress=false --trainer.default_root_dir=runs/linear_ag \
     --out=results/linear_ag/policies/$space-b30.json
 done

@@ -296,7 +296,7 @@ def test_adaptive_same_seed_same_policy_and_export(tmp_path, capsys):
 @pytest.mark.parametrize("extra, fragment", [
     (["--model.budget=6"], "between 7 and 12"),
     (["--model.straight_through=sampled"], "does not apply to the adaptive space"),
-    (["--model.polish_rounds=1"], "does not apply to the adaptive space"),
+    (["--model.polish_rounds=2"], "does not apply to the adaptive space"),
     (["--model.temperature_end=-0.1"], "positive number"),
     (["--model.distance=l1"], "needs model.distance=mse"),
 ])

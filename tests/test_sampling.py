@@ -160,3 +160,11 @@ def test_a_repeated_resume_runs_several_continuations_in_one_batch(denoiser, sch
                       controller=GateController(ops, weights, 3.0, False), resume=resume.repeat(3)).samples
     for j in range(3):
         torch.testing.assert_close(together[4 * j:4 * (j + 1)], alone[j], rtol=1e-5, atol=1e-5)
+        # ``part`` takes copy j back out of the batch, scheduler history included.
+        part = resume.repeat(3).part(j, 3)
+        assert part.i == resume.i and torch.equal(part.x, resume.x)
+        history = zip(getattr(part.scheduler, "model_outputs", []), getattr(resume.scheduler, "model_outputs", []))
+        assert all(torch.equal(a, b) for a, b in history if isinstance(a, torch.Tensor))
+        torch.testing.assert_close(
+            sample(denoiser, scheduler, Policy.static(head + tails[j], 3.0), noise, labels, resume=part).samples,
+            alone[j], rtol=0, atol=0)

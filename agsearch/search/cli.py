@@ -32,7 +32,7 @@ from agsearch.policy import Policy
 
 DEFAULT_ROOT = "runs/search"
 TRAINER_DEFAULTS = {
-    "max_steps": 40,  # 5 epochs of 256 pairs at batch 32; ~70 s on 2 CPU cores
+    "max_steps": 24,  # 3 epochs of 256 pairs at batch 32
     "max_epochs": -1,
     "accelerator": "auto",
     "devices": 1,

@@ -41,6 +41,7 @@ DISTANCES = ("mse", "l1")
 STRAIGHT_THROUGH = ("all", "sampled")
 INITS = ("teacher", "budget", "uniform")
 OPTIMIZERS = ("shared_adam", "adam")
+POLISH_FROM = ("leader", "both")
 
 
 class SharedScaleAdam(torch.optim.Optimizer):
@@ -166,8 +167,10 @@ class PolicySearchModule(pl.LightningModule):
         discretization: ``exact`` (meets the budget exactly) or ``argmax``.
         optimizer: ``shared_adam`` (Adam with one second-moment scale for all gates, see
             ``SharedScaleAdam``) or ``adam``.
-        polish_rounds: rounds of ``polish`` on the validation pairs after the search, from the
-            discretised gates and from the cutoff at the budget (0: off; ``polish_starts``).
+        polish_rounds: rounds of ``polish`` on the validation pairs after the search (0: off).
+        polish_from: where the polish starts (``polish_starts``): ``leader``, the discretised
+            gates or the cutoff at the budget, whichever is closer to the teacher on the
+            validation pairs; ``both``, from each, keeping the better (twice the time).
         init: ``budget`` starts the gates at E[NFE] = budget (ops of equal cost equally likely),
             so λ does not first have to undo an over-budget start; ``teacher`` puts 0.9 on CFG at
             the run's scale; ``uniform`` starts at zeros.
@@ -203,7 +206,8 @@ class PolicySearchModule(pl.LightningModule):
         discretization: str = "exact",
         init: str = "budget",
         optimizer: str = "shared_adam",
-        polish_rounds: int = 2,
+        polish_rounds: int = 1,
+        polish_from: str = "leader",
         affine_lr: float = 1e-3,
     ):
         if type(self) is PolicySearchModule and _is_adaptive(space):
@@ -254,6 +258,7 @@ class PolicySearchModule(pl.LightningModule):
         _check(discretization in MODES, f"Expected model.discretization in {MODES}, but got {discretization!r}")
         _check(isinstance(polish_rounds, int) and polish_rounds >= 0,
                f"Expected model.polish_rounds to be an integer >= 0, but got {polish_rounds}")
+        _check(polish_from in POLISH_FROM, f"Expected model.polish_from in {POLISH_FROM}, but got {polish_from!r}")
         _check(optimizer in OPTIMIZERS, f"Expected model.optimizer in {OPTIMIZERS}, but got {optimizer!r}")
         _check(init in INITS, f"Expected model.init in {INITS}, but got {init!r}")
         self.save_hyperparameters()
@@ -363,42 +368,39 @@ class PolicySearchModule(pl.LightningModule):
         reuse = all(c["op"] != "affine" for c in self.candidates)
         current_states: dict[int, Resume] = {}
 
-        def run(ps: list[list[int]], start: int = 0, keep: bool = False) -> tuple[list[float], dict[int, Resume]]:
-            """(distances of the policies ``ps``, all resumed before step ``start`` and run as one
-            batch, and the first one's trajectory paused before every step it ran, when ``keep``)."""
+        def run(ps: list[list[int]], start: int = 0) -> list[tuple[float, dict[int, Resume]]]:
+            """Each policy of ``ps`` (all resumed before step ``start`` and run as one batch): its
+            distance and its trajectory paused before every step it ran."""
             record["evaluations"] += len(ps)
             M = len(ps)
             weights = torch.cat([self._hard_weights(p, B) for p in ps])
             controller = GateController(self.candidates, weights, self.guidance_scale, False, self.affine_coef)
-            states: dict[int, Resume] = {}
+            paused: dict[int, Resume] = {}
 
             def pause(stats):
-                states[stats.i] = Resume(stats.i, stats.x, copy.deepcopy(stats.scheduler))
+                paused[stats.i] = Resume(stats.i, stats.x, copy.deepcopy(stats.scheduler))
 
             resume = current_states.get(start) if reuse and start > 0 else None
             out = sample(self.backend.denoiser, self.backend.scheduler, None,
                          noise.repeat(M, *([1] * (noise.dim() - 1))), self.backend.condition(batch["label"].repeat(M)),
-                         controller=controller, callback=pause if keep else None,
+                         controller=controller, callback=pause,
                          resume=None if resume is None else resume.repeat(M))
-            distances = [self._distance(out.samples[j * B:(j + 1) * B], target).item() for j in range(M)]
-            return distances, states
+            return [(self._distance(out.samples[j * B:(j + 1) * B], target).item(),
+                     paused if M == 1 else {i: r.part(j, M) for i, r in paused.items()}) for j in range(M)]
 
         def first_change(p: list[int]) -> int:
             return next((i for i, (a, b) in enumerate(zip(p, picks)) if a != b), 0)
 
-        def distances(ps: list[list[int]]) -> list[tuple[float, dict[int, Resume] | None]]:
-            """Each policy's distance; those that change the current one from the same step on
-            resume from there together, in one batch. A policy run alone also gives its paused
-            trajectory (a batch's distances differ from a lone run's in the last bits)."""
-            out: dict[int, tuple[float, dict[int, Resume] | None]] = {}
+        def distances(ps: list[list[int]]) -> list[tuple[float, dict[int, Resume]]]:
+            """Each policy's distance and paused trajectory; those that change the current one
+            from the same step on resume from there together, in one batch."""
+            out: dict[int, tuple[float, dict[int, Resume]]] = {}
             starts: dict[int, list[int]] = {}
             for j, p in enumerate(ps):
                 starts.setdefault(first_change(p), []).append(j)
             for start, members in starts.items():
-                alone = len(members) == 1
-                found, states = run([ps[j] for j in members], start, keep=alone)
-                for j, d in zip(members, found):
-                    out[j] = (d, states if alone else None)
+                for j, found in zip(members, run([ps[j] for j in members], start)):
+                    out[j] = found
             return [out[j] for j in range(len(ps))]
 
         def moves(p: list[int], t: int):
@@ -416,7 +418,7 @@ class PolicySearchModule(pl.LightningModule):
                     yield moved
 
         started = time.perf_counter()
-        (current,), current_states = run([picks], 0, keep=True)
+        [(current, current_states)] = run([picks])
         record["distance_before"] = current
         for _ in range(rounds):
             improved = False
@@ -426,14 +428,10 @@ class PolicySearchModule(pl.LightningModule):
                     continue
                 scores = distances(candidates)
                 j = min(range(len(candidates)), key=lambda j: scores[j][0])
-                d, states = scores[j]
+                moved, (d, states) = candidates[j], scores[j]
                 if d >= current:
                     continue
-                moved, first = candidates[j], first_change(candidates[j])
-                if states is None:  # confirmed alone, pausing from the first change on
-                    (d,), states = run([moved], first, keep=True)
-                    if d >= current:
-                        continue
+                first = first_change(moved)
                 changed = [f"{s}:{labels[picks[s]]}->{labels[moved[s]]}" for s in range(len(picks)) if moved[s] != picks[s]]
                 picks, current, improved = moved, d, True
                 current_states = {**{i: v for i, v in current_states.items() if i < first}, **states}
@@ -456,16 +454,25 @@ class PolicySearchModule(pl.LightningModule):
         return [k_cfg] * (budget - T) + [k_cond] * (2 * T - budget)
 
     def polish_starts(self, batch: dict, picks: list[int], rounds: int) -> tuple[list[int], dict]:
-        """``polish`` from the discretised gates and from the cutoff at the budget (where the space
-        holds it); keeps the result with the lower distance on ``batch``. A local search from the
-        gates alone can stay in their basin (e.g. ``cond`` at early steps, where the gradients are
-        blind); the cutoff is the hand-tuned policy the search must at least match. (Continuing
-        only the start ahead after one round saved a quarter of the polish but lost 8% and 36% of
-        the distance on the validation pairs at 30 and 40 NFE: the start behind can overtake.)"""
-        found = {"gates": self.polish(batch, picks, rounds)}
+        """``polish`` from the discretised gates or from the cutoff at the budget (where the space
+        holds it), as ``polish_from`` says. A local search from the gates alone can stay in their
+        basin (e.g. ``cond`` at early steps, where the gradients are blind); the cutoff is the
+        hand-tuned policy the search must at least match. ``leader`` polishes the start closer to
+        the teacher on ``batch``; ``both`` polishes each and keeps the one that ends closer,
+        for twice the time (the start behind can overtake: results/search_polish_starts)."""
+        starts = {"gates": picks}
         cutoff = self.cutoff_picks(sum(self.costs[k] for k in picks))
         if cutoff is not None and cutoff != picks:
-            found["cutoff"] = self.polish(batch, cutoff, rounds)
+            starts["cutoff"] = cutoff
+        if self.hparams.get("polish_from", "leader") == "leader" and len(starts) > 1:
+            B = len(batch["seed"])
+            with torch.no_grad():
+                before = {name: self._student_distance(batch, self._hard_weights(p, B), False, False)[1].item()
+                          for name, p in starts.items()}
+            name = min(before, key=before.get)
+            kept, record = self.polish(batch, starts[name], rounds)
+            return kept, {**record, "start": name, "distance_before_by_start": before}
+        found = {name: self.polish(batch, p, rounds) for name, p in starts.items()}
         start = min(found, key=lambda name: found[name][1]["distance_after"])
         kept, record = found[start]
         record = {**record, "start": start,
@@ -679,7 +686,7 @@ def _affine_coefficients(entry: dict, T: int, guidance_scale: float) -> torch.Te
 
 
 _GATE_ONLY = ("trajectory_weight", "entropy_weight", "relaxation", "straight_through", "checkpointing",
-              "discretization", "optimizer", "polish_rounds", "affine_lr")
+              "discretization", "optimizer", "polish_rounds", "polish_from", "affine_lr")
 
 
 def resolve_run(model: str, pipeline: str | None, prompts: str | None, scheduler: str | None,

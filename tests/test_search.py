@@ -389,3 +389,19 @@ def test_polish_also_starts_from_the_cutoff():
     assert record["distance_after"] <= record["distance_before"] and sum(leader.costs[k] for k in picks) == 7
     with pytest.raises(ValueError, match="polish_from"):
         PolicySearchModule(space="minimal", num_inference_steps=5, budget=7, polish_from="cutoff")
+
+
+def test_progress_bar_names_the_last_epoch_of_a_step_limited_run():
+    """Lightning writes "Epoch 1/-2" when only max_steps limits the run (its max_epochs is -1)."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("rich")
+    from agsearch.search.callbacks import progress_bar
+
+    bar = progress_bar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=24, num_training_batches=8, accumulate_grad_batches=1)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=20, num_training_batches=8, accumulate_grad_batches=2)
+    assert bar._get_train_description(0).strip() == "Epoch 0/4"
+    bar._trainer = SimpleNamespace(max_epochs=5, max_steps=-1, num_training_batches=8, accumulate_grad_batches=1)
+    assert bar._get_train_description(1).strip() == "Epoch 1/4"

@@ -8,11 +8,14 @@ run directory (whatever the logger; the notebook reads it), draws ``gates.png``,
 the per-step thresholds θ_t over the teacher's γ_t, and the share of samples still guided per step
 (``thresholds.json``, ``thresholds.png``; W&B ``thresholds/curve`` image and ``thresholds/table``).
 ``log_policy_artifact`` adds the exported policy file to the W&B run as an artifact.
+``progress_bar`` is Lightning's default bar, naming the last epoch of a run limited by steps.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -22,6 +25,29 @@ from agsearch.policy import atomic_write_bytes, atomic_write_text
 
 HISTORY_FILE = "gates.json"
 THRESHOLDS_FILE = "thresholds.json"
+
+
+def progress_bar() -> pl.Callback:
+    """The bar Lightning would pick (rich where installed, else tqdm); the rich one names the last
+    epoch of a run limited by ``max_steps`` ("Epoch 1/2", where Lightning writes "Epoch 1/-2":
+    its ``max_epochs`` is -1 then)."""
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+    if importlib.util.find_spec("rich") is None:
+        return TQDMProgressBar()
+
+    class StepLimitedProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            description = super()._get_train_description(current_epoch)
+            trainer = self.trainer
+            batches = trainer.num_training_batches
+            if trainer.max_epochs == -1 and trainer.max_steps > 0 and 0 < batches < math.inf:
+                steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+                last = math.ceil(trainer.max_steps / steps_per_epoch) - 1
+                description = description.replace(f"{current_epoch}/-2", f"{current_epoch}/{last}", 1)
+            return description
+
+    return StepLimitedProgressBar()
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list:

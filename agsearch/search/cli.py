@@ -89,10 +89,10 @@ def _cli_class():
             os.environ["AGSEARCH_RUN_DIR"] = str(self.run_dir)
 
         def instantiate_trainer(self, **kwargs):
-            from pytorch_lightning.callbacks import ModelCheckpoint
+            from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
             from agsearch.search.adaptive import ThresholdSearchModule
-            from agsearch.search.callbacks import GateMonitor, ThresholdMonitor
+            from agsearch.search.callbacks import GateMonitor, ThresholdMonitor, progress_bar
 
             config = self.config
             # Made only now that the model and data were built: bad input leaves no directory.
@@ -101,6 +101,10 @@ def _cli_class():
             trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
             trainer_config["default_root_dir"] = str(self.run_dir)
             trainer_config["enable_progress_bar"] = bool(config.progress) and trainer_config.get("enable_progress_bar", True) is not False
+            given = [*extra, trainer_config.get("callbacks") or []]
+            given = [c for item in given for c in (item if isinstance(item, list) else [item])]
+            if trainer_config["enable_progress_bar"] and not any(isinstance(c, ProgressBar) for c in given):
+                extra.append(progress_bar())
             if trainer_config.get("logger") in (None, True):
                 trainer_config["logger"] = _default_logger(self.run_dir, config)
             adaptive = isinstance(self.model, ThresholdSearchModule)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
 from agsearch.policy import atomic_write_bytes, atomic_write_text
 
@@ -27,27 +28,24 @@ HISTORY_FILE = "gates.json"
 THRESHOLDS_FILE = "thresholds.json"
 
 
+class StepLimitedProgressBar(RichProgressBar):
+    """Lightning's rich bar, naming the last epoch of a run limited by ``max_steps`` ("Epoch 1/2",
+    where Lightning writes "Epoch 1/-2": its ``max_epochs`` is -1 then)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if trainer.max_epochs == -1 and trainer.max_steps > 0 and 0 < batches < math.inf:
+            steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+            last = math.ceil(trainer.max_steps / steps_per_epoch) - 1
+            description = description.replace(f"{current_epoch}/-2", f"{current_epoch}/{last}", 1)
+        return description
+
+
 def progress_bar() -> pl.Callback:
-    """The bar Lightning would pick (rich where installed, else tqdm); the rich one names the last
-    epoch of a run limited by ``max_steps`` ("Epoch 1/2", where Lightning writes "Epoch 1/-2":
-    its ``max_epochs`` is -1 then)."""
-    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
-
-    if importlib.util.find_spec("rich") is None:
-        return TQDMProgressBar()
-
-    class StepLimitedProgressBar(RichProgressBar):
-        def _get_train_description(self, current_epoch: int) -> str:
-            description = super()._get_train_description(current_epoch)
-            trainer = self.trainer
-            batches = trainer.num_training_batches
-            if trainer.max_epochs == -1 and trainer.max_steps > 0 and 0 < batches < math.inf:
-                steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
-                last = math.ceil(trainer.max_steps / steps_per_epoch) - 1
-                description = description.replace(f"{current_epoch}/-2", f"{current_epoch}/{last}", 1)
-            return description
-
-    return StepLimitedProgressBar()
+    """The bar Lightning would pick: ``StepLimitedProgressBar`` where rich is installed, else tqdm's."""
+    return StepLimitedProgressBar() if importlib.util.find_spec("rich") is not None else TQDMProgressBar()
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list:

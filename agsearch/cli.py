@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agsearch.policy import PolicyError, atomic_write_text
 
-MODELS = ("digits",)
+MODELS = ("digits", "shapes")
 
 
 class BadInput(Exception):
@@ -53,8 +53,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _settings() -> dict:
-    from agsearch.models.digits import benchmark_settings
+def _settings(model: str = "digits") -> dict:
+    """The benchmark protocol's settings (scheduler, steps, best scale) of a built-in model."""
+    _check_model(model)
+    if model == "shapes":
+        from agsearch.models.shapes import benchmark_settings
+    else:
+        from agsearch.models.digits import benchmark_settings
 
     return benchmark_settings()
 
@@ -73,14 +78,19 @@ def _check_out(path: Path) -> None:
 def cmd_baseline(args) -> int:
     from agsearch.baselines import make_baseline
 
-    settings = _settings()
+    settings = _settings(args.model)
     steps = args.steps or settings["num_inference_steps"]
     scale = settings["guidance_scale"] if args.scale is None else args.scale
     threshold = args.threshold
     if args.name == "ag" and threshold is None:
         threshold = settings.get("ag_threshold")
+        if threshold is None:
+            raise BadInput(f"the {args.model} model has no calibrated AG threshold: give --threshold G")
     _check_out(args.out)
     affine = None
+    if args.name in ("linear-ag", "affine-cutoff") and args.model != "digits":
+        raise BadInput(f"{args.name} has shipped coefficients for the digits model only; "
+                       f"fit them with agsearch fit-affine (digits) or pass --model digits")
     if args.name in ("linear-ag", "affine-cutoff"):
         from agsearch.affine import load_builtin, load_coefficients
 
@@ -94,7 +104,7 @@ def cmd_baseline(args) -> int:
         base = Policy.load(args.base)
     policy = make_baseline(args.name, steps, scale, fraction=args.fraction, start=args.start,
                            stop=args.stop, threshold=threshold, space=args.space, affine=affine, base=base)
-    policy.provenance.setdefault("model", "agsearch-digits")
+    policy.provenance.setdefault("model", f"agsearch-{args.model}")
     policy.save(args.out)
     nfe = policy.nfe if policy.nfe is not None else f"adaptive, at most {policy.max_nfe}"
     print(f"wrote {args.out} ({policy.label()}, NFE {nfe} of {2 * steps})")
@@ -149,16 +159,27 @@ def cmd_eval(args) -> int:
     from agsearch.evaluation import DigitsEvaluator, format_table
 
     _check_model(args.model)
-    steps = args.steps or _settings()["num_inference_steps"]
+    steps = args.steps or _settings(args.model)["num_inference_steps"]
     if args.json is not None:
         _check_out(args.json)
+    if args.captions is not None and args.model != "shapes":
+        raise BadInput(f"--captions is an option of --model shapes (the {args.model} model has no captions)")
     policies = _load_policies(args.policy, steps, args.resample)  # all input checked before sampling
-    evaluator = DigitsEvaluator(samples=args.samples, seed=args.seed, scheduler=args.scheduler,
-                                batch_size=args.batch_size, device=args.device,
-                                progress=not args.no_progress)
+    if args.model == "shapes":
+        from agsearch.shapes_eval import ShapesEvaluator
+
+        evaluator = ShapesEvaluator(samples=args.samples, seed=args.seed, captions=args.captions or "heldout",
+                                    scheduler=args.scheduler, batch_size=min(args.batch_size, 500),
+                                    device=args.device, progress=not args.no_progress)
+        evaluate = evaluator.evaluate
+    else:
+        evaluator = DigitsEvaluator(samples=args.samples, seed=args.seed, scheduler=args.scheduler,
+                                    batch_size=args.batch_size, device=args.device,
+                                    progress=not args.no_progress)
+        evaluate = lambda policy: evaluator.evaluate(policy).as_dict()  # noqa: E731
     records = []
     for path, policy in zip(args.policy, policies):
-        record = evaluator.evaluate(policy).as_dict()
+        record = evaluate(policy)
         record.update(policy_file=str(path), seed=args.seed, scheduler=args.scheduler)
         records.append(record)
     print(format_table(records, markdown=args.markdown))
@@ -302,15 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear-ag, affine-cutoff: coefficients JSON from fit-affine (default: the built-in model's shipped fit)")
     p.add_argument("--from", dest="base", type=Path, metavar="POLICY",
                    help="linear-ag: start from this static policy and make its cond steps affine (same NFE)")
+    p.add_argument("--model", default="digits", help="built-in model whose benchmark settings (steps, scale, "
+                   "AG threshold) are the defaults: digits or shapes")
     p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("eval", help="evaluate policies side by side on the built-in model",
-                       description="Sample each policy from the same noise and report NFE, class "
-                                   "accuracy, MSE/PSNR against full CFG, Fréchet distance, wall time.")
+    p = sub.add_parser("eval", help="evaluate policies side by side on a built-in model",
+                       description="Sample each policy from the same noise and report NFE, class accuracy "
+                                   "(digits) or prompt adherence overall and per caption category (shapes), "
+                                   "MSE/PSNR against full CFG, Fréchet distance, wall time.")
     p.add_argument("--policy", action="append", type=Path, required=True, help="policy JSON (repeatable)")
-    p.add_argument("--model", default="digits", help="built-in model (digits)")
-    p.add_argument("--samples", type=_positive_int, default=1000, help="samples per policy (balanced classes)")
+    p.add_argument("--model", default="digits", help="built-in model: digits or shapes")
+    p.add_argument("--captions", metavar="SET|FILE",
+                   help="shapes: 'heldout' (default: captions with combinations never in training), 'train', "
+                        "or a file of captions, one per line, used in order")
+    p.add_argument("--samples", type=_positive_int, default=1000,
+                   help="samples per policy (digits: balanced classes; shapes: categories in turn)")
     p.add_argument("--seed", type=int, default=1,
                    help="noise seed: sample i uses seed*10^6+i (search seeds use 0, so 1+ are held out)")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: benchmark's)")
@@ -391,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a StableDiffusion/XL/3 pipeline folder (save_pretrained layout, "
                                    "nothing downloaded), sample under the policy with apply_policy, then "
                                    "under full CFG from the same noise, and report NFE, time and PSNR.")
-    p.add_argument("--pipeline", type=Path, required=True, help="diffusers pipeline folder")
+    p.add_argument("--pipeline", required=True,
+                   help="diffusers pipeline folder, or builtin:shapes (the built-in text-to-image model)")
     p.add_argument("--policy", type=Path, required=True, help="policy JSON")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompt-file", type=Path, help="prompts: one per line, or JSONL with prompt/negative_prompt")

@@ -167,12 +167,21 @@ class DigitsEvaluator:
 
 
 def format_table(records: list[EvalRecord | dict], markdown: bool = True) -> str:
-    """A table of evaluation records, one row per policy."""
+    """A table of evaluation records, one row per policy.
+
+    Columns a record set does not have (accuracy for a text model, adherence for digits, PSNR and
+    FD for a text-to-image search's comparison) are left out.
+    """
+    from agsearch.models.scenes import CATEGORIES
+
     rows = [r.as_dict() if isinstance(r, EvalRecord) else r for r in records]
-    header = ["policy", "NFE", "accuracy %", "MSE vs CFG", "PSNR dB", "FD", "seconds"]
-    # Records without accuracy, PSNR or FD (a text-to-image search's comparison) show "-" there.
+    pct = lambda r, k: f"{100 * r[k]:.1f}" if r.get(k) is not None else "-"  # noqa: E731
+    cats = [c for c in CATEGORIES if any(f"adherence_{c}" in r for r in rows)]
+    header = (["policy", "NFE", "accuracy %", "adherence %"] + [f"{c} %" for c in cats]
+              + ["MSE vs CFG", "PSNR dB", "FD", "seconds"])
     body = [[
-        r["name"], f"{r['nfe']:.2f}", f"{100 * r['accuracy']:.1f}" if "accuracy" in r else "-", f"{r['mse']:.5f}",
+        r["name"], f"{r['nfe']:.2f}", pct(r, "accuracy"), pct(r, "adherence"),
+        *[pct(r, f"adherence_{c}") for c in cats], f"{r['mse']:.5f}",
         "-" if "psnr" not in r else "inf" if r["psnr"] is None else f"{r['psnr']:.1f}",
         f"{r['fd']:.3f}" if "fd" in r else "-", f"{r['seconds']:.2f}",
     ] for r in rows]

@@ -62,8 +62,10 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
 
 def pipeline_class(folder: str | Path) -> str:
-    """The pipeline class a ``save_pretrained`` folder names, checked to be supported."""
-    folder = Path(folder)
+    """The pipeline class a ``save_pretrained`` folder (or ``builtin:shapes``) names, checked to be supported."""
+    from agsearch.models.shapes import pipeline_path
+
+    folder = pipeline_path(folder)
     if not folder.is_dir():
         raise ValueError(f"pipeline folder {folder} does not exist")
     index = folder / "model_index.json"
@@ -79,9 +81,13 @@ def pipeline_class(folder: str | Path) -> str:
 
 
 def load_pipeline(folder: str | Path, device="cpu", dtype: str = "fp32"):
-    """A supported pipeline from a local folder (``local_files_only``: nothing is downloaded)."""
+    """A supported pipeline from a local folder or ``builtin:shapes`` (``local_files_only``: nothing
+    is downloaded)."""
     import diffusers
 
+    from agsearch.models.shapes import pipeline_path
+
+    folder = pipeline_path(folder)
     name = pipeline_class(folder)
     index = json.loads((Path(folder) / "model_index.json").read_text("utf-8"))
     # Components saved as absent (SD3 without T5, SDXL without an image encoder) load as absent.

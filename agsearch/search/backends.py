@@ -117,7 +117,9 @@ class TextPipelineBackend:
         from agsearch.generate import load_pipeline, pipeline_class, read_prompts
         from agsearch.text_denoisers import TextCondition, denoiser_for
 
-        self.folder, self.prompt_file = Path(pipeline), Path(prompts)
+        from agsearch.models.shapes import pipeline_path
+
+        self.folder, self.prompt_file = pipeline_path(pipeline), Path(prompts)
         self.class_name = pipeline_class(pipeline)
         self.prompts = read_prompts(prompts)
         if scheduler is not None and self.class_name == "StableDiffusion3Pipeline":

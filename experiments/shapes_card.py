@@ -45,7 +45,7 @@ def main():
         "```python",
         "from agsearch.models.shapes import load_pipeline",
         "pipe = load_pipeline()            # = StableDiffusionPipeline.from_pretrained(<this folder>)",
-        'image = pipe("a red circle to the left of a blue square", guidance_scale=5).images[0]',
+        'image = pipe("a red circle to the left of a blue square", guidance_scale=3).images[0]',
         "```",
         "",
         "On the command line the folder is `builtin:shapes` (`agsearch generate --pipeline builtin:shapes ...`).",
@@ -72,7 +72,7 @@ def main():
         f"Command: `{train['command'].strip()}` (seed {args['seed']}, torch {train['torch']}, device "
         f"{train['device']}).",
         "",
-        f"1. VAE: {args['vae_steps']} steps of batch {args['vae_batch']}, MSE + {args['kl_weight']:g}·KL, "
+        f"1. VAE: {args['vae_steps']} steps of batch {args['vae_batch']}, L1 + MSE + {args['kl_weight']:g}·KL, "
         f"{train['vae']['seconds'] / 60:.1f} min; held-out reconstruction PSNR "
         f"{vae_hist[-1]['heldout_psnr']:.2f} dB (256 renders, images in [-1, 1]).",
         f"2. UNet + text encoder together: {train.get('steps_done', args['steps'])} steps of batch "

@@ -1,0 +1,209 @@
+"""The shapes test bed: renderer, caption grammar and split, the shipped pipeline and scorer, and
+``agsearch eval/baseline/generate`` on it."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agsearch.cli import main
+from agsearch.models import scenes
+from agsearch.models.scenes import Caption, CaptionError, Obj, parse_caption, render, sample_scene, satisfies
+from agsearch.policy import Policy
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- renderer -----------------------------------------------------------------------------------
+
+
+def test_render_is_deterministic_and_seeded():
+    a_texts, a_images = scenes.SceneStream(seed=5).batch(16)
+    b_texts, b_images = scenes.SceneStream(seed=5).batch(16)
+    assert a_texts == b_texts and np.array_equal(a_images, b_images)
+    c_texts, c_images = scenes.SceneStream(seed=6).batch(16)
+    assert c_texts != a_texts and not np.array_equal(c_images, a_images)
+    assert a_images.shape == (16, 32, 32, 3) and a_images.dtype == np.uint8
+
+
+def test_render_places_the_colour_in_the_cell():
+    for shape in scenes.SHAPES:
+        image = render((Obj(shape, "red", "large", (0, 2)),)).astype(int)
+        cy, cx = (int(v) for v in scenes.cell_centre((0, 2)))
+        assert tuple(image[cy, cx]) == scenes.COLOURS["red"], shape  # the centre is inside every shape
+        assert tuple(image[28, 4]) == scenes.BACKGROUND  # another cell is empty
+    small = (render((Obj("square", "blue", "small"),)) != scenes.BACKGROUND).any(-1).sum()
+    large = (render((Obj("square", "blue", "large"),)) != scenes.BACKGROUND).any(-1).sum()
+    assert large > 1.5 * small
+
+
+def test_every_shape_renders_differently():
+    images = [render((Obj(s, "green"),)) for s in scenes.SHAPES]
+    for a, b in itertools.combinations(images, 2):
+        assert np.abs(a.astype(int) - b.astype(int)).sum() > 1000
+
+
+# --- captions ---------------------------------------------------------------------------------
+
+
+def test_caption_round_trip_both_ways():
+    for caption in scenes.captions():
+        assert parse_caption(caption.text) == caption
+        assert parse_caption(caption.text).text == caption.text
+
+
+def test_examples_parse_to_their_attributes():
+    assert parse_caption("a red circle") == Caption("single", (("red", "circle"),))
+    assert parse_caption("a circle and a square") == Caption("two_objects", ((None, "circle"), (None, "square")))
+    assert parse_caption("a red circle and a blue square").category == "colour_attr"
+    p = parse_caption("a green triangle to the left of a yellow cross")
+    assert p == Caption("position", (("green", "triangle"), ("yellow", "cross")), "to the left of")
+    assert parse_caption("two blue squares") == Caption("counting", (("blue", "square"),) * 2)
+    assert parse_caption("  Three RED crosses ").text == "three red crosses"
+
+
+@pytest.mark.parametrize("text, word", [
+    ("a red dog", "dog"), ("a red circle next to a blue square", "next"), ("four red circles", "four"),
+    ("two red circle", "circle"), ("a red circle and", "<end>"), ("red circle", "red"),
+])
+def test_unparsable_caption_names_the_word(text, word):
+    with pytest.raises(CaptionError, match=f"{text!r}.*'{word}'" if word != "<end>" else "<end>"):
+        parse_caption(text)
+
+
+@pytest.mark.parametrize("text", ["a red circle and a blue circle", "a red circle and a red square",
+                                  "a circle and a blue square", "a circle above a square", "a circle", ""])
+def test_ambiguous_captions_are_refused(text):
+    with pytest.raises(CaptionError):
+        parse_caption(text)
+
+
+def test_sampled_scenes_satisfy_their_caption_and_no_other():
+    rng = np.random.default_rng(0)
+    all_caps = scenes.captions()
+    for caption in all_caps[:: 7]:
+        scene = sample_scene(caption, rng)
+        assert satisfies(scene, caption)
+    swapped = Caption("colour_attr", (("blue", "circle"), ("red", "square")))
+    scene = sample_scene(Caption("colour_attr", (("red", "circle"), ("blue", "square"))), rng)
+    assert not satisfies(scene, swapped)  # binding matters
+    left = Caption("position", (("red", "circle"), ("blue", "square")), "to the left of")
+    right = Caption("position", (("red", "circle"), ("blue", "square")), "to the right of")
+    scene = sample_scene(left, rng)
+    assert satisfies(scene, left) and not satisfies(scene, right)
+    two = Caption("counting", (("blue", "square"),) * 2)
+    assert not satisfies(sample_scene(Caption("counting", (("blue", "square"),) * 3), rng), two)
+
+
+def test_split_holds_out_combinations():
+    train, held = set(scenes.captions("train")), set(scenes.captions("heldout"))
+    assert train and held and not train & held and train | held == set(scenes.captions())
+    for cat in scenes.CATEGORIES:
+        assert scenes.captions("train", cat) and scenes.captions("heldout", cat), cat
+    for caption in train:
+        assert not any(pair in scenes.HELD_OUT_PAIRS for pair in caption.objects)
+    texts, _ = scenes.SceneStream(seed=0).batch(2000)
+    assert all(t == "" or not parse_caption(t).held_out() for t in texts)
+    assert 0.05 < texts.count("") / len(texts) < 0.15  # condition dropout
+
+
+def test_eval_captions_cycle_categories_and_are_seeded():
+    caps = scenes.eval_captions(50, seed=1)
+    assert [c.category for c in caps[:5]] == list(scenes.CATEGORIES)
+    assert all(c.held_out() for c in caps)
+    assert caps == scenes.eval_captions(50, seed=1) and caps != scenes.eval_captions(50, seed=2)
+
+
+# --- the shipped model and scorer ---------------------------------------------------------------
+
+
+def test_scorer_reads_heldout_renders():
+    from agsearch.models.shapes import ShapesScorer, load_scorer, scene_targets
+
+    scorer = load_scorer()
+    rng = np.random.default_rng(4242)
+    scene_list = [scenes.random_scene(rng) for _ in range(400)]
+    x = scenes.to_tensor(scenes.render_batch(scene_list))
+    shape_t, colour_t, size_t = scene_targets(scene_list)
+    with torch.no_grad():
+        s, c, z = scorer(x)
+    occupied = shape_t > 0
+    assert (s.argmax(-1) == shape_t).float().mean() >= 0.98
+    assert (c.argmax(-1) == colour_t)[occupied].float().mean() >= 0.98
+    assert (z.argmax(-1) == size_t)[occupied].float().mean() >= 0.98
+    assert isinstance(ShapesScorer.decode(s, c, z)[0], tuple)
+
+
+def test_shipped_pipeline_loads_offline_and_samples():
+    from diffusers import StableDiffusionPipeline
+
+    from agsearch.models.shapes import PIPELINE_DIR, load_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(PIPELINE_DIR), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    assert load_pipeline().unet.config.sample_size == 8
+    size = sum(p.stat().st_size for p in PIPELINE_DIR.rglob("*") if p.is_file())
+    assert size <= 40 * 2**20
+
+
+# --- the CLI on the shapes model ------------------------------------------------------------------
+
+
+def test_baseline_uses_the_shapes_settings(tmp_path, capsys):
+    from agsearch.models.shapes import benchmark_settings
+
+    code, _, _ = run(capsys, "baseline", "cutoff", "--fraction", "0.5", "--model", "shapes", "--out", tmp_path / "c.json")
+    assert code == 0
+    policy = Policy.load(tmp_path / "c.json")
+    assert policy.guidance_scale == benchmark_settings()["guidance_scale"]
+    assert policy.provenance["model"] == "agsearch-shapes"
+
+
+def test_eval_records_on_a_few_samples(tmp_path, capsys):
+    for name in ("cfg", "cond"):
+        assert run(capsys, "baseline", name, "--model", "shapes", "--steps", 4, "--out", tmp_path / f"{name}.json")[0] == 0
+    out = tmp_path / "records.json"
+    code, stdout, _ = run(capsys, "eval", "--model", "shapes", "--policy", tmp_path / "cfg.json", "--policy",
+                          tmp_path / "cond.json", "--steps", 4, "--samples", 10, "--seed", 1, "--json", out,
+                          "--no-progress")
+    assert code == 0 and "adherence" in stdout
+    records = json.loads(out.read_text())
+    assert [r["nfe"] for r in records] == [8, 4]
+    for r in records:
+        assert {"name", "nfe", "adherence", "fd", "mse", "psnr", "seconds"} <= set(r)
+        assert 0 <= r["adherence"] <= 1 and r["captions"] == "heldout"
+        assert all(f"adherence_{c}" in r for c in scenes.CATEGORIES)
+    assert records[0]["mse"] == 0 and records[0]["psnr"] is None  # full CFG is its own reference
+
+
+def test_eval_with_a_bad_caption_file_exits_2_and_writes_nothing(tmp_path, capsys):
+    run(capsys, "baseline", "cfg", "--model", "shapes", "--out", tmp_path / "cfg.json")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na red circle beside a blue square\n")
+    out = tmp_path / "records.json"
+    code, _, err = run(capsys, "eval", "--model", "shapes", "--policy", tmp_path / "cfg.json", "--captions",
+                       captions, "--samples", 4, "--json", out)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "a red circle beside a blue square" in err and "'beside'" in err and ":2:" in err
+    assert not out.exists()
+
+
+def test_generate_on_the_builtin_pipeline(tmp_path, capsys):
+    run(capsys, "baseline", "cutoff", "--fraction", "0.5", "--model", "shapes", "--steps", 4,
+        "--out", tmp_path / "p.json")
+    out = tmp_path / "img.png"
+    code, stdout, _ = run(capsys, "generate", "--pipeline", "builtin:shapes", "--policy", tmp_path / "p.json",
+                          "--prompt", "a yellow circle below a red cross", "--out", out)
+    assert code == 0 and out.is_file() and "NFE 6 per image of 8" in stdout
+    code, _, err = run(capsys, "generate", "--pipeline", "builtin:nope", "--policy", tmp_path / "p.json",
+                       "--prompt", "x", "--out", tmp_path / "x.png")
+    assert code == 2 and "builtin:shapes" in err

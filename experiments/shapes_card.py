@@ -80,6 +80,8 @@ def main():
         f"{args['min_snr_gamma']:g}, caption dropped to the empty prompt with probability {args['cond_dropout']:g}, "
         f"EMA {args['ema']:g}; {train['unet_seconds'] / 60:.1f} min.",
         "",
+        *(["The same script runs on a GPU with `--device cuda`; no GPU run has been timed yet.", ""]
+          if train["device"] == "cpu" else []),
         "Loss of the EMA weights on a fixed held-out batch (256 training and 256 held-out captions, fixed images, "
         "t and noise; unweighted ε-MSE):",
         "",

@@ -89,8 +89,9 @@ def load_pipeline(device="cpu", dtype=torch.float32, progress: bool = False):
     """The built-in shapes ``StableDiffusionPipeline``, loaded offline from the package."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path("builtin:shapes")), torch_dtype=dtype,
-                                                   local_files_only=True)
+    extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path("builtin:shapes")), local_files_only=True,
+                                                   **extra)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
 

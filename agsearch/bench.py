@@ -90,7 +90,7 @@ def plot_fronts(records: list[dict], path: Path, title: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_cosine(cos_x0: torch.Tensor, cos_eps: torch.Tensor, path: Path, title: str) -> None:
@@ -112,16 +112,17 @@ def plot_cosine(cos_x0: torch.Tensor, cos_eps: torch.Tensor, path: Path, title: 
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
     import io
 
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 

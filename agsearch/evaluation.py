@@ -61,6 +61,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def mse_psnr(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float | None]:
+    """Mean per-image MSE of images in [-1, 1] and the PSNR of that mean (None when identical)."""
+    mse = (images - reference).pow(2).flatten(1).mean(1).mean().item()
+    return mse, (10 * math.log10(PSNR_PEAK**2 / mse) if mse > 0 else None)
+
+
 def feature_stats(features: torch.Tensor):
     f = features.double().cpu().numpy()
     return f.mean(0), np.cov(f, rowvar=False)
@@ -151,14 +157,14 @@ class DigitsEvaluator:
             # Full CFG is its own reference: keep it rather than sampling it again.
             self._references.setdefault((policy.num_inference_steps, float(policy.guidance_scale)), out)
         ref = self.reference(policy.num_inference_steps, policy.guidance_scale).samples
-        mse = (out.samples - ref).pow(2).flatten(1).mean(1).mean().item()
+        mse, psnr = mse_psnr(out.samples, ref)
         accuracy, fd = self.score(out.samples)
         return EvalRecord(
             name=policy.label(),
             nfe=round(out.nfe.mean().item(), 4),
             accuracy=accuracy,
             mse=mse,
-            psnr=10 * math.log10(PSNR_PEAK**2 / mse) if mse > 0 else None,
+            psnr=psnr,
             fd=fd,
             seconds=round(seconds, 3),
             samples=len(out.samples),
@@ -181,8 +187,8 @@ def format_table(records: list[EvalRecord | dict], markdown: bool = True) -> str
               + ["MSE vs CFG", "PSNR dB", "FD", "seconds"])
     body = [[
         r["name"], f"{r['nfe']:.2f}", pct(r, "accuracy"), pct(r, "adherence"),
-        *[pct(r, f"adherence_{c}") for c in cats], f"{r['mse']:.5f}",
-        "-" if "psnr" not in r else "inf" if r["psnr"] is None else f"{r['psnr']:.1f}",
+        *[pct(r, f"adherence_{c}") for c in cats], "-" if r.get("mse") is None else f"{r['mse']:.5f}",
+        "-" if "psnr" not in r or r.get("mse") is None else "inf" if r["psnr"] is None else f"{r['psnr']:.1f}",
         f"{r['fd']:.3f}" if "fd" in r else "-", f"{r['seconds']:.2f}",
     ] for r in rows]
     keep = [j for j in range(len(header)) if any(row[j] != "-" for row in body)]

@@ -19,7 +19,6 @@ the empty prompt, the one the model was trained to drop captions to. Metrics per
 
 from __future__ import annotations
 
-import math
 import time
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agsearch.evaluation import EVAL_SEED, PSNR_PEAK, feature_stats, frechet_distance, make_noise, sample_seeds
+from agsearch.evaluation import EVAL_SEED, feature_stats, frechet_distance, make_noise, mse_psnr, sample_seeds
 from agsearch.models import scenes
 from agsearch.policy import Policy, read_text_file
 from agsearch.sampling import SampleOutput, sample
@@ -66,12 +65,6 @@ def resolve_captions(spec, n: int, seed: int) -> tuple[list[scenes.Caption], str
         return scenes.eval_captions(n, seed, str(spec)), str(spec)
     captions = read_captions(spec)
     return [captions[i % len(captions)] for i in range(n)], str(spec)
-
-
-def mse_psnr(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float | None]:
-    """Mean per-image MSE of images in [-1, 1] and the PSNR of that mean (None when identical)."""
-    mse = (images - reference).pow(2).flatten(1).mean(1).mean().item()
-    return mse, (10 * math.log10(PSNR_PEAK**2 / mse) if mse > 0 else None)
 
 
 class ShapesEvaluator:
@@ -161,7 +154,8 @@ class ShapesEvaluator:
     def evaluate(self, policy: Policy, compare: bool = True) -> dict:
         """One record: name, nfe, adherence (+ per category), fd, mse, psnr, seconds, samples, …
 
-        ``compare=False`` skips the full-CFG reference (``mse`` and ``psnr`` are then None)."""
+        ``compare=False`` skips the full-CFG reference (``mse`` and ``psnr`` are then None). The
+        sampler outputs and images stay in ``self.last`` (the calibration plots their cosines)."""
         out, images, seconds = self.run(policy)
         if policy.kind == "static" and all(s == {"op": "cfg"} for s in policy.steps):
             self._references.setdefault((policy.num_inference_steps, float(policy.guidance_scale)), images)

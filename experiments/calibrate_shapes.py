@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from agsearch.evaluation import format_table
+from agsearch.bench import save_figure
+from agsearch.evaluation import format_table, mse_psnr
 from agsearch.models import scenes
 from agsearch.models.shapes import BENCHMARK_FILE
-from agsearch.policy import Policy, atomic_write_bytes, atomic_write_text
-from agsearch.shapes_eval import ShapesEvaluator, mse_psnr
+from agsearch.policy import Policy, atomic_write_text
+from agsearch.shapes_eval import ShapesEvaluator
 
 STEPS = 25
 CALIBRATION_SEED = 2  # disjoint from search (0), evaluation (1) and search validation (3)
@@ -59,8 +59,6 @@ def sweep(split: str, args, pipe, scorer) -> tuple[list[dict], ShapesEvaluator]:
 
 
 def plot_curves(rows: dict, best: float, path: Path):
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,15 +77,10 @@ def plot_curves(rows: dict, best: float, path: Path):
     axes[0].set_title("prompt adherence (scorer)")
     axes[1].set_title("Fréchet distance to renders")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def plot_cosine(cos: np.ndarray, path: Path, best: float):
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -103,16 +96,11 @@ def plot_cosine(cos: np.ndarray, path: Path, best: float):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def sample_grid(pipe, scorer, best: float, path: Path, device, seed: int, n_captions: int = 10, per_caption: int = 4):
     """Held-out captions (two per category), conditional-only beside CFG at the best scale."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -151,10 +139,7 @@ def sample_grid(pipe, scorer, best: float, path: Path, device, seed: int, n_capt
         axes[row, 0].set_ylabel(cap.text, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("held-out captions, same noise; green frame: the scorer finds the caption satisfied", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

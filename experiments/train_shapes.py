@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -124,8 +125,6 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, record: dict):
             (tmp / p).write_bytes((out / p).read_bytes())
         os.replace(out, old)
         os.replace(tmp, out)
-        import shutil
-
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)

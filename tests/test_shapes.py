@@ -207,3 +207,13 @@ def test_generate_on_the_builtin_pipeline(tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--pipeline", "builtin:nope", "--policy", tmp_path / "p.json",
                        "--prompt", "x", "--out", tmp_path / "x.png")
     assert code == 2 and "builtin:shapes" in err
+
+
+def test_table_of_records_without_a_comparison():
+    from agsearch.evaluation import format_table
+
+    rows = [dict(name="cond-only", nfe=25, adherence=0.4, adherence_single=0.7, mse=None, psnr=None, fd=3.0, seconds=1),
+            dict(name="cfg", nfe=50, adherence=0.5, adherence_single=0.9, mse=0.0, psnr=None, fd=2.0, seconds=2)]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split(" | ")[1:4] == ["NFE", "adherence %", "single %"]
+    assert "| - | - |" in lines[2] and "| 0.00000 | inf |" in lines[3]

@@ -147,7 +147,7 @@ def parse_caption(text: str) -> Caption:
         colour = None
         if pos < len(words) and words[pos] in COLOURS:
             colour = take(COLOURS, "a colour")
-        shape = take(SHAPES, "a shape" if colour else f"a colour or a shape")
+        shape = take(SHAPES, "a shape" if colour else "a colour or a shape")
         return colour, shape
 
     if words[0] in COUNT_WORDS.values():

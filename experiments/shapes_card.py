@@ -99,7 +99,8 @@ def main():
         "## The scorer",
         "",
         f"`shapes_scorer.safetensors` beside this folder: a CNN ({scorer['parameters']:,} parameters) trained by "
-        f"`{scorer['command']}` on renders only ({scorer['seconds'] / 60:.1f} min). On {scorer['heldout_renders']} "
+        f"`{scorer['command']}` ({scorer['args']['steps']} steps, {scorer['args']['threads']} threads) on renders "
+        f"only ({scorer['seconds'] / 60:.1f} min). On {scorer['heldout_renders']} "
         f"held-out renders: shape (per cell, empty included) {100 * acc['shape']:.2f}%, colour "
         f"{100 * acc['colour']:.2f}%, size {100 * acc['size']:.2f}% (per object), whole scene {100 * acc['scene']:.2f}%.",
         "",

@@ -4,9 +4,9 @@ Search per-step guidance policies, export them as JSON, apply them at inference 
 them side by side. See README.md and DESIGN notes in the repository.
 """
 
-from agsearch.pipelines import apply_policy
+from agsearch.diffusers.hook import apply_policy
+from agsearch.guidance.sampler import SampleOutput, sample
 from agsearch.policy import Policy, PolicyError
-from agsearch.sampling import SampleOutput, sample
 
 __version__ = "0.1.0"
 __all__ = ["apply_policy", "Policy", "PolicyError", "sample", "SampleOutput", "__version__"]

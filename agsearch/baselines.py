@@ -10,7 +10,7 @@
     ag           the Adaptive Guidance rule (Castillo et al., arXiv 2312.12487): per sample, CFG
                  until cos(pred_c, pred_u) reaches a threshold, then ``cond``
     linear-ag    LinearAG (same paper): CFG and ``affine`` (ε_u from fitted affine coefficients,
-                 ``agsearch.affine``) alternating over the first half (or the first round(F·T)
+                 ``agsearch.linear_ag``) alternating over the first half (or the first round(F·T)
                  steps), ``cond`` over the rest
                  (or, given a static policy ``base``: that policy with its ``cond`` steps affine)
     affine-cutoff  CFG for the first round(F·T) steps, then ``affine`` to the end
@@ -49,7 +49,7 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
                   threshold: float | None = None, space: str = "x0", affine: dict | None = None,
                   base: Policy | None = None) -> Policy:
     """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``;
-    ``linear-ag`` needs ``affine``, a coefficients file's contents (``agsearch.affine``)."""
+    ``linear-ag`` needs ``affine``, a coefficients file's contents (``agsearch.linear_ag``)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Expected steps to be a positive integer, but got {steps}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
@@ -82,14 +82,19 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
         return Policy.adaptive(steps, scale, threshold, space, name=f"ag-{space}-{threshold:g}",
                                provenance={"baseline": "ag", "options": {"threshold": threshold, "space": space}})
     elif name in ("linear-ag", "affine-cutoff"):
-        from agsearch.affine import affine_cutoff_ops, check_matches, linear_ag_ops, validate_file
+        from agsearch.linear_ag import (
+            affine_cutoff_ops,
+            check_matches,
+            linear_ag_ops,
+            validate_file,
+        )
 
         if affine is None:
             raise ValueError(f"{name} needs affine coefficients (--affine FILE, written by agsearch fit-affine)")
         validate_file(affine)
         check_matches(affine, steps, scale)
         if name == "linear-ag" and base is not None:
-            from agsearch.affine import upgrade_cond_steps
+            from agsearch.linear_ag import upgrade_cond_steps
 
             if base.kind != "static" or base.num_inference_steps != steps or base.guidance_scale != scale:
                 raise ValueError(f"--from: expected a static policy with {steps} steps at scale {scale:g}, got a "

@@ -15,9 +15,9 @@ positives too, which keeps the unconditional model alive so CFG still works on t
 are batch means and the sum is divided by max(λ, 1). Paper values: β = 0.02, λ ∈ [50, 1000],
 null ratio 0.1, lr 1e-5, one epoch (our tiny model: lr 3e-4, 80 steps of batch 64, λ = 1).
 
-``agsearch cca`` (``agsearch/cca_cli.py``) runs ``CCAModule`` with ``DigitsTokens`` under a
+``agsearch cca`` (``agsearch/cli/cca.py``) runs ``CCAModule`` with ``DigitsTokens`` under a
 LightningCLI; ``ARDigitsEvaluator`` scores samples with the core's classifier (accuracy and
-Fréchet distance, the code of ``agsearch.evaluation``).
+Fréchet distance, the code of ``agsearch.eval.digits``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,22 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from agsearch.data import NULL_CLASS, NUM_CLASSES, load_digits_tensors, train_test_split_indices
-from agsearch.evaluation import EVAL_SEED, balanced_labels, feature_stats, frechet_distance, sample_seeds
-from agsearch.models.digits_ar import DigitsAR, generate, images_to_tokens, load_model, nfe_per_token, tokens_to_images
+from agsearch.eval.digits import balanced_labels
+from agsearch.models.digits.data import (
+    NULL_CLASS,
+    NUM_CLASSES,
+    load_digits_tensors,
+    train_test_split_indices,
+)
+from agsearch.models.digits_ar import (
+    DigitsAR,
+    generate,
+    images_to_tokens,
+    load_model,
+    nfe_per_token,
+    tokens_to_images,
+)
+from agsearch.seeds import EVAL_SEED, sample_seeds
 
 
 # -- the loss ---------------------------------------------------------------------------------------
@@ -177,27 +190,24 @@ def finetune(reference: str | None = None, beta: float = 0.02, lam: float = 1.0,
 class ARDigitsEvaluator:
     """Samples AR models from fixed per-sample seeds and balanced classes; scores them with the
     core's classifier: class accuracy and the Fréchet distance of its penultimate features against
-    all 1,797 real digits (as ``agsearch.evaluation.DigitsEvaluator`` does for the diffusion model).
+    all 1,797 real digits (as ``agsearch.eval.digits.DigitsEvaluator`` does for the diffusion model).
 
     Sample i uses seed ``seed``·10⁶ + i (the default seed 1 is disjoint from the training seeds).
     """
 
     def __init__(self, samples: int = 1000, seed: int = EVAL_SEED, batch_size: int = 1000, device: str = "cpu",
                  temperature: float = 1.0, top_k: int | None = None):
-        from agsearch.models.digits import load_classifier
+        from agsearch.eval.digits import DigitsScorer
 
         if samples < 2:
             raise ValueError(f"Expected eval.samples >= 2 (a Fréchet distance needs a covariance), but got {samples}")
         if batch_size < 1:
             raise ValueError(f"Expected eval.batch_size >= 1, but got {batch_size}")
         self.device = torch.device(device)
-        self.classifier = load_classifier().to(self.device)
+        self.scorer = DigitsScorer(self.device)
         self.seeds = sample_seeds(seed, samples)
         self.labels = balanced_labels(samples, self.device)
         self.batch_size, self.temperature, self.top_k = batch_size, temperature, top_k
-        images, _ = load_digits_tensors()
-        with torch.no_grad():
-            self.real_stats = feature_stats(self.classifier.features(images.to(self.device)))
 
     def sample(self, model: DigitsAR, guidance_scale: float = 1.0) -> torch.Tensor:
         model = model.to(self.device).eval()
@@ -212,10 +222,9 @@ class ARDigitsEvaluator:
         start = time.perf_counter()
         tokens = self.sample(model, guidance_scale)
         seconds = time.perf_counter() - start
-        feats = self.classifier.features(tokens_to_images(tokens))
-        accuracy = (self.classifier.head(feats).argmax(1) == self.labels).float().mean().item()
+        accuracy, fd = self.scorer.score(tokens_to_images(tokens), self.labels)
         return {"name": name, "guidance_scale": guidance_scale, "nfe_per_token": nfe_per_token(guidance_scale),
-                "accuracy": accuracy, "fd": frechet_distance(*feature_stats(feats), *self.real_stats),
+                "accuracy": accuracy, "fd": fd,
                 "seconds": round(seconds, 2), "samples": len(tokens)}
 
 

@@ -8,7 +8,7 @@ sampler runs (``kind: "static"``), or gives a per-sample rule that decides it wh
     cfg      ε_u + w_t (ε_c − ε_u)              2
     cond     ε_c (unconditional pass skipped)  1
     uncond   ε_u                               1
-    affine   ε̂_u + w (ε_c − ε̂_u), ε̂_u an affine  1  (LinearAG, ``agsearch.affine``; 2 where it
+    affine   ε̂_u + w (ε_c − ε̂_u), ε̂_u an affine  1  (LinearAG, ``agsearch.linear_ag``; 2 where it
              map of past estimates (``coef``)       falls back to ``cfg``)
 
 An ``affine`` step needs the previous step's ε_c and ε_u (true or estimated) when its past
@@ -27,16 +27,17 @@ import copy
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from agsearch.guidance.ops import OP_NFE
+from agsearch.io import atomic_write_text
+
 FORMAT = "agsearch.policy"
 VERSION = 1
-OP_NFE = {"cfg": 2, "cond": 1, "uncond": 1, "affine": 1}
 RULES = ("ag_cosine",)
 
 
@@ -129,7 +130,7 @@ def step_costs(steps: list[dict]) -> list[int]:
     """NFE of each step of a static policy (all samples alike), checking ``affine`` steps: their
     coefficients, and that each one either has the previous step's estimates it needs or says
     what to fall back to. Raises :class:`PolicyError` at the offending step."""
-    from agsearch.affine import AffineError, check_coef, needs_past
+    from agsearch.linear_ag import AffineError, check_coef, needs_past
 
     costs = []
     channels = None
@@ -369,34 +370,3 @@ class Policy:
                 "/num_inference_steps",
             )
         return self.resample(num_inference_steps)
-
-
-def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> str:
-    """The UTF-8 text of ``path``; an unreadable or non-UTF-8 file raises ``error`` with one line
-    naming the file and ``what`` it should have been (e.g. "prompt file")."""
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: not a UTF-8 text file") from None
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename, so a
-    reader never sees a half-written file and a failed write leaves the old file intact."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from agsearch.baselines import make_baseline
-    from agsearch.evaluation import DigitsEvaluator
+    from agsearch.cli.search import run_search
+    from agsearch.eval.digits import DigitsEvaluator
+    from agsearch.io import atomic_write_bytes, atomic_write_text
     from agsearch.models.digits import benchmark_settings
-    from agsearch.policy import Policy, atomic_write_bytes, atomic_write_text
-    from agsearch.search.cli import run_search
+    from agsearch.policy import Policy
 
     settings = benchmark_settings()
     T, w = settings["num_inference_steps"], settings["guidance_scale"]

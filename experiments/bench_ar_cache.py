@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from agsearch.evaluation import balanced_labels, sample_seeds
+from agsearch.eval.digits import balanced_labels
 from agsearch.models.digits_ar import generate, load_model
+from agsearch.seeds import sample_seeds
 
 
 def main(argv=None):

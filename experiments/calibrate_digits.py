@@ -7,8 +7,8 @@
    the best class accuracy (ties go to the smaller scale).
 2. The Adaptive Guidance default threshold: the x̂₀-space threshold with the largest NFE saving
    whose class accuracy stays within 1 point of full CFG at that scale.
-3. Writes ``agsearch/models/weights/benchmark.json`` (read by the CLI for its defaults),
-   ``results/scale_sweep.md`` and ``agsearch/models/weights/MODEL_CARD.md`` (from the training
+3. Writes ``agsearch/models/digits/weights/benchmark.json`` (read by the CLI for its defaults),
+   ``results/scale_sweep.md`` and ``agsearch/models/digits/weights/MODEL_CARD.md`` (from the training
    reports beside the weights), so no number in them is typed by hand.
 """
 
@@ -19,9 +19,10 @@ import json
 from pathlib import Path
 
 from agsearch.baselines import make_baseline
-from agsearch.evaluation import DigitsEvaluator, format_table
+from agsearch.eval.digits import DigitsEvaluator
+from agsearch.eval.records import format_table
+from agsearch.io import atomic_write_text
 from agsearch.models.digits import SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS_DIR
-from agsearch.policy import atomic_write_text
 
 SCALES = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 THRESHOLDS = (0.9, 0.93, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99, 0.9925, 0.995, 0.9975, 0.999)

@@ -16,7 +16,7 @@ scale of ``--scales``. Writes into ``--out-dir``:
   under full CFG at the best scale (median and 10–90% band), as ``results/cosine.png`` on digits;
 
 and the best scale (the highest held-out adherence) into the model's benchmark settings,
-``agsearch/models/weights/shapes_benchmark.json`` (``--no-settings`` leaves them alone), which
+``agsearch/models/shapes/weights/shapes_benchmark.json`` (``--no-settings`` leaves them alone), which
 ``agsearch baseline --model shapes`` and ``agsearch eval --model shapes`` read.
 """
 
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agsearch.bench import save_figure
-from agsearch.evaluation import format_table, mse_psnr
-from agsearch.models import scenes
-from agsearch.models.shapes import BENCHMARK_FILE
-from agsearch.policy import Policy, atomic_write_text
-from agsearch.shapes_eval import ShapesEvaluator
+from agsearch.eval.bench import save_figure
+from agsearch.eval.records import format_table, mse_psnr
+from agsearch.eval.shapes import ShapesEvaluator
+from agsearch.io import atomic_write_text
+from agsearch.models.shapes import BENCHMARK_FILE, scenes
+from agsearch.policy import Policy
 
 STEPS = 25
 CALIBRATION_SEED = 2  # disjoint from search (0), evaluation (1) and search validation (3)

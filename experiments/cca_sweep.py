@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from agsearch.cca import ARDigitsEvaluator, finetune, format_rows
+from agsearch.io import atomic_write_bytes, atomic_write_text
 from agsearch.models.digits_ar import load_model
-from agsearch.policy import atomic_write_bytes, atomic_write_text
 
 
 def plot(rows: list[dict], path: Path) -> None:

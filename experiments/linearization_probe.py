@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agsearch.search.data import PairDataset  # noqa: E402
-from agsearch.search.module import PolicySearchModule  # noqa: E402
+from agsearch.search.gates import PolicySearchModule  # noqa: E402
 
 CHANGES = [(0, "cfg@1.15"), (0, "cond"), (3, "cfg@1.15"), (3, "cond"), (9, "cfg@1.15"), (9, "cond"), (12, "cfg"), (20, "cfg")]
 

@@ -5,7 +5,7 @@
                                                             # SD-1.5-sized pipeline, 512×512, 50 steps
 
 The pipeline is a StableDiffusionPipeline built in code with random weights
-(``agsearch.tiny_pipelines``: the tiny test pipeline, or SD 1.5's UNet/VAE/CLIP-text
+(``agsearch.testing``: the tiny test pipeline, or SD 1.5's UNet/VAE/CLIP-text
 architectures), called with ``prompt_embeds`` (no tokenizer, nothing downloaded; text encoding is
 outside the timed call). Three configurations are timed on the same noise, interleaved so that
 a busy machine slows them alike: ``plain`` (the pipeline's own full CFG), ``full`` (a full-CFG
@@ -34,9 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agsearch import tiny_pipelines  # noqa: E402
-from agsearch.pipelines import apply_policy  # noqa: E402
-from agsearch.policy import Policy, atomic_write_text  # noqa: E402
+from agsearch import testing as tiny_pipelines
+from agsearch.diffusers.hook import apply_policy  # noqa: E402
+from agsearch.io import atomic_write_text  # noqa: E402
+from agsearch.policy import Policy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

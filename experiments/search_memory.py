@@ -19,9 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agsearch.evaluation import make_noise, sample_seeds  # noqa: E402
-from agsearch.policy import atomic_write_text  # noqa: E402
-from agsearch.search.memory import measure_step  # noqa: E402
+from memory_meter import measure_step  # noqa: E402  (experiments/memory_meter.py, beside this script)
+
+from agsearch.io import atomic_write_text  # noqa: E402
+from agsearch.models.digits.data import IMAGE_SHAPE
+from agsearch.seeds import make_noise, sample_seeds  # noqa: E402
 
 # The UNet of Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, unet/config.json), ~860M parameters.
 SD15_UNET = dict(
@@ -59,7 +61,7 @@ def digits_cases(device, batch):
     from agsearch.search.backends import DigitsBackend
 
     backend = DigitsBackend().to(device)
-    noise = make_noise(sample_seeds(0, batch), device=device)
+    noise = make_noise(sample_seeds(0, batch), IMAGE_SHAPE, device=device)
     cond = (torch.arange(batch) % 10).to(device)
     return backend.denoiser, backend.scheduler, noise, cond, 1.1
 

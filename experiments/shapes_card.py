@@ -1,4 +1,4 @@
-"""Write the shapes model's card, ``agsearch/models/weights/shapes/README.md``, from the records.
+"""Write the shapes model's card, ``agsearch/models/shapes/weights/shapes/README.md``, from the records.
 
     python experiments/shapes_card.py
 
@@ -13,9 +13,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agsearch.models import scenes
-from agsearch.models.shapes import PIPELINE_DIR, SCORER_FILE, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
-from agsearch.policy import atomic_write_text
+from agsearch.io import atomic_write_text
+from agsearch.models.shapes import (
+    PIPELINE_DIR,
+    SCORER_FILE,
+    TEXT_CONFIG,
+    UNET_CONFIG,
+    VAE_CONFIG,
+    scenes,
+)
 
 CALIBRATION = Path("results/shapes_calibration/calibration.json")
 
@@ -36,7 +42,7 @@ def main():
         "# agsearch shapes: a miniature Stable Diffusion on compositional shape scenes",
         "",
         "A diffusers `StableDiffusionPipeline` trained from scratch, with no download, on the procedural "
-        "scenes of `agsearch/models/scenes.py`: 32×32 RGB images of one to three objects (4 shapes, 6 colours, "
+        "scenes of `agsearch/models/shapes/scenes.py`: 32×32 RGB images of one to three objects (4 shapes, 6 colours, "
         "2 sizes, a 3×3 grid of cells) with captions in five GenEval-style categories (single object, two objects, "
         "colour attribution, position, counting). Some combinations never appear in a training caption "
         "(`scenes.HELD_OUT_PAIRS`, `HELD_OUT_SHAPE_PAIR`, `HELD_OUT_TRIPLES`): "

@@ -1,6 +1,6 @@
 """Train the built-in digits classifier (accuracy and Fréchet-distance features for evaluation).
 
-    python experiments/train_classifier.py            # writes agsearch/models/weights/digits_classifier.safetensors
+    python experiments/train_classifier.py            # writes agsearch/models/digits/weights/digits_classifier.safetensors
 
 Stratified 80/20 split (seed 0); trained on the 80% with small random shifts and pixel noise so
 that it also reads generated digits, evaluated on the held-out 20%. Prints the held-out accuracy,
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from agsearch.data import load_digits_tensors, train_test_split_indices
 from agsearch.models.digits import WEIGHTS_DIR, DigitsClassifier
+from agsearch.models.digits.data import load_digits_tensors, train_test_split_indices
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

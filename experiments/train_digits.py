@@ -1,9 +1,9 @@
 """Train the built-in class-conditional diffusion model on scikit-learn's 8×8 digits.
 
     python experiments/train_digits.py                # ~25 min on 2 CPU cores; writes
-                                                      # agsearch/models/weights/digits_unet.safetensors
+                                                      # agsearch/models/digits/weights/digits_unet.safetensors
 
-A diffusers ``UNet2DModel`` (config in ``agsearch/models/digits.py``), ε-prediction under the
+A diffusers ``UNet2DModel`` (config in ``agsearch/models/digits/__init__.py``), ε-prediction under the
 cosine ("squaredcos_cap_v2") DDPM schedule, all 1,797 digits in [-1, 1], the class label
 replaced by the null class with probability ``--cond-dropout`` so that one network gives both
 the conditional and the unconditional prediction (CFG). AdamW with warm-up and cosine decay;
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
-from agsearch.data import NULL_CLASS, load_digits_tensors
 from agsearch.models.digits import SCHEDULER_CONFIG, WEIGHTS_DIR, build_unet
+from agsearch.models.digits.data import NULL_CLASS, load_digits_tensors
 
 
 def diffusion_loss(model, scheduler, x0, labels, t, noise):

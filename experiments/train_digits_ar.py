@@ -1,6 +1,6 @@
-"""Train the built-in AR digits model (agsearch/models/digits_ar.py) and keep its best checkpoint.
+"""Train the built-in AR digits model (agsearch/models/digits_ar/__init__.py) and keep its best checkpoint.
 
-    python experiments/train_digits_ar.py     # writes agsearch/models/weights/digits_ar.{safetensors,json}
+    python experiments/train_digits_ar.py     # writes agsearch/models/digits_ar/weights/digits_ar.{safetensors,json}
 
 Stratified 80/20 split (seed 0, the classifier's split): trains on the 80% with 10% of labels
 replaced by the null class (so CFG works), computes the validation NLL (nats/token, conditional,
@@ -22,10 +22,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agsearch.data import NULL_CLASS, load_digits_tensors, train_test_split_indices
-from agsearch.models.digits import WEIGHTS_DIR
-from agsearch.models.digits_ar import DigitsAR, DigitsARConfig, images_to_tokens, save_model
-from agsearch.policy import atomic_write_text
+from agsearch.io import atomic_write_text
+from agsearch.models.digits.data import (
+    NULL_CLASS,
+    load_digits_tensors,
+    train_test_split_indices,
+)
+from agsearch.models.digits_ar import (
+    WEIGHTS_DIR,
+    DigitsAR,
+    DigitsARConfig,
+    images_to_tokens,
+    save_model,
+)
 
 
 @torch.no_grad()

@@ -3,11 +3,11 @@
     python experiments/train_shapes.py                 # CPU: see the model card for the time
     python experiments/train_shapes.py --device cuda   # the same run on a GPU
 
-Writes the ``StableDiffusionPipeline`` folder ``agsearch/models/weights/shapes/`` (``--out``):
+Writes the ``StableDiffusionPipeline`` folder ``agsearch/models/shapes/weights/shapes/`` (``--out``):
 ``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/``, ``scheduler/``, ``model_index.json``,
 ``training.json`` (the settings, losses and wall times) and ``README.md`` (the model card).
 
-Two stages, both on endless seeded renders of :mod:`agsearch.models.scenes`'s *training*
+Two stages, both on endless seeded renders of :mod:`agsearch.models.shapes.scenes`'s *training*
 captions (held-out combinations never appear in a caption):
 
 1. the ``AutoencoderKL`` (32×32×3 ↔ 8×8×8): L1 + MSE + a small KL term; its ``scaling_factor`` is set
@@ -20,7 +20,10 @@ captions (held-out combinations never appear in a caption):
    EMA weights) is logged every ``--log-every`` steps so that the plateau is visible.
 
 The folder is rewritten from the EMA weights every ``--save-every`` steps, and ``--resume``
-continues from the last state in ``--work-dir``.
+continues from the last state in ``--work-dir``. ``--init-from FOLDER`` starts a further stage from
+a pipeline folder this script wrote (its VAE kept frozen, the UNet and text encoder trained on with a
+fresh optimiser and schedule; the folder's ``training.json`` is kept under ``previous_stages``):
+that is how a run that had not reached its plateau is trained on.
 """
 
 from __future__ import annotations
@@ -38,8 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agsearch.models import scenes
-from agsearch.models.shapes import PIPELINE_DIR, SCHEDULER_CONFIG, build_components
+from agsearch.models.shapes import (
+    PIPELINE_DIR,
+    SCHEDULER_CONFIG,
+    build_components,
+    scenes,
+)
 
 
 class Tokens:
@@ -101,11 +108,26 @@ def train_vae(vae, args, device, log):
 
 def add_slow_tokenizer_files(tokenizer_dir: Path):
     """vocab.json and merges.txt beside tokenizer.json: transformers 4.x's CLIPTokenizer reads those."""
-    from agsearch.tiny_pipelines import _tokenizer_dir, clip_vocab_file
+    from agsearch.diffusers.clip_tokenizer import _tokenizer_dir, clip_vocab_file
 
     source = Path(_tokenizer_dir(str(clip_vocab_file())))
     for name in ("vocab.json", "merges.txt"):
         (tokenizer_dir / name).write_bytes((source / name).read_bytes())
+
+
+def load_stage(folder: Path, device):
+    """The VAE, text encoder and UNet of a pipeline folder this script wrote, and its training record."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    record_file = folder / "training.json"
+    if not record_file.is_file():
+        raise SystemExit(f"--init-from {folder}: no training.json there (not a folder this script wrote)")
+    previous = json.loads(record_file.read_text("utf-8"))
+    vae = AutoencoderKL.from_pretrained(folder / "vae").to(device)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").to(device)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device)
+    return vae, text_encoder, unet, previous
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, record: dict):
@@ -151,6 +173,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=PIPELINE_DIR)
     p.add_argument("--work-dir", type=Path, default=Path("runs/train_shapes"))
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None, metavar="FOLDER",
+                   help="continue training from this pipeline folder (frozen VAE, fresh optimiser and schedule)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,6 +209,12 @@ def main(argv=None):
         start_step = state["step"]
         vae.eval().requires_grad_(False)
         log(f"resumed at step {start_step}")
+    elif args.init_from is not None:
+        vae, text_encoder, unet, previous = load_stage(args.init_from, device)
+        record["vae"] = previous["vae"]
+        record["previous_stages"] = previous.pop("previous_stages", []) + [previous]
+        vae.eval().requires_grad_(False)
+        log(f"initialised from {args.init_from} (after {previous['steps_done']} steps there)")
     else:
         vae_history, scale, vae_seconds = train_vae(vae, args, device, log)
         vae.register_to_config(scaling_factor=scale)

@@ -2,11 +2,11 @@
 
     python experiments/train_shapes_scorer.py --threads 2   # ~6 min on 2 CPU cores
 
-A ``ShapesScorer`` (``agsearch/models/shapes.py``) learns to read every cell of the 3×3 grid back
+A ``ShapesScorer`` (``agsearch/models/shapes/__init__.py``) learns to read every cell of the 3×3 grid back
 (shape or empty, colour, size) from endless seeded renders: random scenes of 0–4 objects with
 every attribute random, half of them slightly blurred, with a little pixel noise and a colour shift so that the
 reading does not hinge on the renderer's exact pixels. Held-out renders (another seed) give the
-per-attribute accuracies in ``agsearch/models/weights/shapes_scorer.json`` (and, once the shapes
+per-attribute accuracies in ``agsearch/models/shapes/weights/shapes_scorer.json`` (and, once the shapes
 pipeline exists, the same accuracies on its VAE's reconstructions of those renders: how much the
 decoder alone costs); the weights go to ``shapes_scorer.safetensors`` beside it.
 """
@@ -25,8 +25,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from agsearch.models import scenes
-from agsearch.models.shapes import PIPELINE_DIR, SCORER_FILE, ShapesScorer, scene_targets
+from agsearch.models.shapes import (
+    PIPELINE_DIR,
+    SCORER_FILE,
+    ShapesScorer,
+    scene_targets,
+    scenes,
+)
 
 
 def batch(rng, n, augment=True):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from agsearch.data import NULL_CLASS
-from agsearch.denoisers import ClassConditionalDenoiser
+from agsearch.denoisers.class_conditional import ClassConditionalDenoiser
+from agsearch.diffusers.schedulers import make_scheduler
 from agsearch.models.digits import SCHEDULER_CONFIG
-from agsearch.schedulers import make_scheduler
+from agsearch.models.digits.data import NULL_CLASS
 
 
 @pytest.fixture(scope="session")

@@ -10,18 +10,28 @@ import pytest
 import torch
 
 from agsearch.cli import main
-from agsearch.evaluation import make_noise, sample_seeds
+from agsearch.guidance.sampler import Resume, sample
+from agsearch.models.digits.data import IMAGE_SHAPE
 from agsearch.policy import Policy, PolicyError
-from agsearch.sampling import Resume, sample
-from agsearch.search.adaptive import (STOP_PROBE, Outcomes, calibrate, from_u, guided_steps, hard_outcome,
-                                      soft_outcome, stop_distribution, tabulate, to_u)
 from agsearch.search.space import SearchSpace, SpaceError
+from agsearch.search.thresholds import (
+    STOP_PROBE,
+    calibrate,
+    from_u,
+    guided_steps,
+    hard_outcome,
+    soft_outcome,
+    stop_distribution,
+    tabulate,
+    to_u,
+)
+from agsearch.seeds import make_noise, sample_seeds
 
 T, W = 6, 3.0  # a large scale on the random UNet, so that guidance matters
 
 
 def noise_and_labels(n=8, seed=5):
-    return make_noise(sample_seeds(seed, n)), torch.arange(n) % 10
+    return make_noise(sample_seeds(seed, n), IMAGE_SHAPE), torch.arange(n) % 10
 
 
 def run_cli(capsys, *argv):
@@ -90,8 +100,8 @@ def test_constant_thresholds_are_ag_and_a_step_function_is_a_cutoff(denoiser, sc
 
 
 def test_per_step_scales_apply_while_guiding(denoiser):
+    from agsearch.diffusers.schedulers import make_scheduler
     from agsearch.models.digits import SCHEDULER_CONFIG
-    from agsearch.schedulers import make_scheduler
 
     scheduler = make_scheduler("ddim", SCHEDULER_CONFIG)
     noise, labels = noise_and_labels()

@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from agsearch.affine import REGRESSORS, AffineError, affine_step, fit, load_builtin
 from agsearch.cli import main
-from agsearch.policy import Policy, PolicyError
-from agsearch.sampling import sample
-from agsearch.search.module import GateController
-from agsearch.schedulers import make_scheduler
+from agsearch.diffusers.schedulers import make_scheduler
+from agsearch.guidance.sampler import sample
+from agsearch.linear_ag import REGRESSORS, AffineError, affine_step, load_builtin
+from agsearch.linear_ag_fit import fit
 from agsearch.models.digits import SCHEDULER_CONFIG
+from agsearch.policy import Policy, PolicyError
+from agsearch.search.gates import GateController
 
 W = 1.5
 
@@ -141,7 +142,7 @@ def test_per_channel_coefficients_must_match_the_channels(denoiser):
 
 def test_soft_gates_and_coefficients_get_gradients(denoiser):
     """The search's mixed op: soft weights over cfg / cond / affine, coefficients as a tensor."""
-    from agsearch.search.module import affine_coef_at
+    from agsearch.search.gates import affine_coef_at
 
     T, B = 4, 3
     logits = torch.zeros(T, 3, requires_grad=True)
@@ -249,7 +250,7 @@ def test_eval_refuses_affine_policy_without_fallback(tmp_path, capsys):
 def test_affine_search_space_fixed_and_trained(tmp_path, capsys):
     """A tiny search (T = 5) over cfg / cond / affine with coefficients fitted for T = 5: the fixed
     coefficients stay put, the trained ones move, and both export valid policies."""
-    from agsearch.affine import fit_digits
+    from agsearch.linear_ag_fit import fit_digits
     from agsearch.search.space import SearchSpace
 
     doc = fit_digits(pairs=4, heldout=2, num_inference_steps=5)
@@ -279,7 +280,7 @@ def test_affine_search_space_fixed_and_trained(tmp_path, capsys):
 # -- the benchmark ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_bench_merges_affine_rows_into_an_existing_table(tmp_path, capsys):
-    from agsearch.bench import run_benchmark
+    from agsearch.eval.bench import run_benchmark
 
     first = run_benchmark(tmp_path, samples=10, progress=False, quick=True)
     assert {"linear-ag", "affine-cutoff"} <= {r["family"] for r in first}
@@ -298,7 +299,7 @@ def test_bench_merges_affine_rows_into_an_existing_table(tmp_path, capsys):
 
 
 def test_bench_merges_eval_records(tmp_path, capsys):
-    from agsearch.bench import run_benchmark
+    from agsearch.eval.bench import run_benchmark
 
     run_benchmark(tmp_path, samples=10, progress=False, quick=True, families=["cfg", "cond"])
     code, _, err = run_cli(capsys, "baseline", "affine-cutoff", "--fraction", 0.2, "--out", tmp_path / "ac.json")

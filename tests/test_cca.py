@@ -1,4 +1,4 @@
-"""CCA (agsearch/cca.py, cca_cli.py) and the AR digits model (agsearch/models/digits_ar.py)."""
+"""CCA (agsearch/cca.py, cca_cli.py) and the AR digits model (agsearch/models/digits_ar/__init__.py)."""
 
 import json
 import math
@@ -11,9 +11,15 @@ import torch
 
 from agsearch.cca import CCAModule, cca_loss, make_conditions
 from agsearch.cli import main
-from agsearch.data import NULL_CLASS
+from agsearch.models.digits.data import NULL_CLASS
 from agsearch.models.digits_ar import (
-    DigitsAR, DigitsARConfig, generate, images_to_tokens, load_model, save_model, tokens_to_images,
+    DigitsAR,
+    DigitsARConfig,
+    generate,
+    images_to_tokens,
+    load_model,
+    save_model,
+    tokens_to_images,
 )
 
 

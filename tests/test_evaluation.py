@@ -5,9 +5,15 @@ import pytest
 import torch
 
 from agsearch.baselines import make_baseline
-from agsearch.data import load_digits_tensors, train_test_split_indices
-from agsearch.evaluation import DigitsEvaluator, frechet_distance, make_noise, sample_seeds
+from agsearch.eval.digits import DigitsEvaluator
+from agsearch.eval.records import frechet_distance
 from agsearch.models.digits import benchmark_settings, load_classifier
+from agsearch.models.digits.data import (
+    IMAGE_SHAPE,
+    load_digits_tensors,
+    train_test_split_indices,
+)
+from agsearch.seeds import make_noise, sample_seeds
 
 
 def test_frechet_distance_of_gaussians():
@@ -29,7 +35,7 @@ def test_shipped_classifier_reads_held_out_digits():
 
 def test_eval_seeds_are_held_out_from_search_seeds():
     assert set(sample_seeds(0, 5000)).isdisjoint(sample_seeds(1, 5000))
-    assert torch.equal(make_noise(sample_seeds(1, 3)), make_noise(sample_seeds(1, 3)))
+    assert torch.equal(make_noise(sample_seeds(1, 3), IMAGE_SHAPE), make_noise(sample_seeds(1, 3), IMAGE_SHAPE))
 
 
 def test_evaluator_same_noise_for_every_policy(random_unet):
@@ -44,7 +50,7 @@ def test_evaluator_same_noise_for_every_policy(random_unet):
 
 
 def test_quick_benchmark_writes_table_and_figures(tmp_path):
-    from agsearch.bench import run_benchmark
+    from agsearch.eval.bench import run_benchmark
 
     records = run_benchmark(tmp_path, samples=20, progress=False, quick=True)
     assert {"benchmark.md", "benchmark.json", "fronts.png", "cosine.png"} <= {p.name for p in tmp_path.iterdir()}

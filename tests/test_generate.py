@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from agsearch.cli import main  # noqa: E402
-from agsearch.generate import Prompt, read_prompts  # noqa: E402
+from agsearch.diffusers.generate import Prompt, read_prompts  # noqa: E402
 from agsearch.policy import Policy  # noqa: E402
 
 
@@ -20,7 +20,7 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from agsearch.tiny_pipelines import tiny_sd
+    from agsearch.testing import tiny_sd
 
     root = tmp_path_factory.mktemp("generate")
     tiny_sd().save_pretrained(root / "sd")
@@ -97,7 +97,7 @@ def test_read_prompts(tmp_path):
 
 def test_generate_reports_clip_scores(folder, tmp_path, capsys):
     pytest.importorskip("open_clip")
-    from agsearch.tiny_pipelines import TINY_CLIP_NAME, tiny_clip_weights
+    from agsearch.testing import TINY_CLIP_NAME, tiny_clip_weights
 
     weights = tiny_clip_weights(tmp_path / "clip")
     report = tmp_path / "r.json"

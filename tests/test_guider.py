@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from agsearch import Policy  # noqa: E402
-from agsearch.guider import PolicyGuidance  # noqa: E402
+from agsearch import Policy
+from agsearch.diffusers.guider import PolicyGuidance  # noqa: E402
 
 
 def test_guider_runs_the_policy_per_step():
@@ -39,7 +39,8 @@ def test_guider_in_a_modular_sdxl_pipeline_matches_apply_policy():
         StableDiffusionXLAutoBlocks,
     )
 
-    from agsearch import apply_policy, tiny_pipelines
+    from agsearch import apply_policy
+    from agsearch import testing as tiny_pipelines
 
     standard = tiny_pipelines.tiny_sdxl()
     modular = StableDiffusionXLAutoBlocks().init_pipeline()

@@ -8,8 +8,8 @@ pytest.importorskip("transformers")
 
 import diffusers.callbacks  # noqa: E402
 
-from agsearch import Policy, PolicyError, apply_policy  # noqa: E402
-from agsearch import tiny_pipelines  # noqa: E402
+from agsearch import Policy, PolicyError, apply_policy
+from agsearch import testing as tiny_pipelines
 
 T = 4
 W = 5.0
@@ -202,7 +202,7 @@ def test_step_count_mismatch_is_refused_unless_resampled(pipes):
 
 
 def test_affine_policies_are_refused_not_run_as_cond(pipes):
-    from agsearch.affine import affine_step, load_builtin
+    from agsearch.linear_ag import affine_step, load_builtin
 
     coef = load_builtin()["coefficients"][1]
     policy = Policy.static(["cfg", affine_step(coef), "cond", "cond"], W)
@@ -255,7 +255,7 @@ def test_denoiser_adapters_reproduce_the_pipeline(pipes, name, prediction):
     """agsearch's own sampler over the adapters gives the latents the pipeline gives under apply_policy
     (ε, v and flow-matching velocity), for a static policy with a per-step scale and for AG."""
     from agsearch import sample
-    from agsearch.text_denoisers import TextCondition, denoiser_for
+    from agsearch.denoisers.text import TextCondition, denoiser_for
 
     pipe = tiny_pipelines.tiny_sd(prediction_type=prediction) if prediction == "v_prediction" else pipes[name]
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))

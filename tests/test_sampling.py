@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from agsearch.baselines import make_baseline
-from agsearch.data import NULL_CLASS
-from agsearch.evaluation import balanced_labels, make_noise
+from agsearch.eval.digits import balanced_labels
+from agsearch.guidance.sampler import sample
+from agsearch.models.digits.data import IMAGE_SHAPE, NULL_CLASS
 from agsearch.policy import Policy
-from agsearch.sampling import sample
+from agsearch.seeds import make_noise
 
 T = 10
 
@@ -31,7 +32,7 @@ def hand_written_cfg(unet, scheduler, noise, labels, w, steps, cond_only=False):
 
 @torch.no_grad()
 def test_full_cfg_policy_equals_hand_written_loop(denoiser, random_unet, scheduler):
-    noise, labels = make_noise(range(6)), balanced_labels(6)
+    noise, labels = make_noise(range(6), IMAGE_SHAPE), balanced_labels(6)
     expected = hand_written_cfg(random_unet, scheduler, noise, labels, 1.5, T)
     out = sample(denoiser, scheduler, make_baseline("cfg", T, 1.5), noise, labels)
     assert (out.samples - expected).abs().max().item() <= 1e-6
@@ -40,7 +41,7 @@ def test_full_cfg_policy_equals_hand_written_loop(denoiser, random_unet, schedul
 
 @torch.no_grad()
 def test_cond_policy_equals_unguided_loop(denoiser, random_unet, scheduler):
-    noise, labels = make_noise(range(4)), balanced_labels(4)
+    noise, labels = make_noise(range(4), IMAGE_SHAPE), balanced_labels(4)
     expected = hand_written_cfg(random_unet, scheduler, noise, labels, 1.5, T, cond_only=True)
     out = sample(denoiser, scheduler, make_baseline("cond", T, 1.5), noise, labels)
     assert (out.samples - expected).abs().max().item() <= 1e-6
@@ -50,7 +51,7 @@ def test_cond_policy_equals_unguided_loop(denoiser, random_unet, scheduler):
 @torch.no_grad()
 def test_static_policy_counts_nfe_and_skips_passes(denoiser, scheduler):
     policy = make_baseline("cutoff", T, 2.0, fraction=0.3)
-    out = sample(denoiser, scheduler, policy, make_noise(range(5)), balanced_labels(5))
+    out = sample(denoiser, scheduler, policy, make_noise(range(5), IMAGE_SHAPE), balanced_labels(5))
     assert policy.nfe == 3 * 2 + 7
     assert out.nfe.tolist() == [policy.nfe] * 5
     assert denoiser.evaluations == policy.nfe * 5  # the skipped passes really were skipped
@@ -59,7 +60,7 @@ def test_static_policy_counts_nfe_and_skips_passes(denoiser, scheduler):
 
 @torch.no_grad()
 def test_per_step_scale_and_uncond_op(denoiser, random_unet, scheduler):
-    noise, labels = make_noise(range(3)), balanced_labels(3)
+    noise, labels = make_noise(range(3), IMAGE_SHAPE), balanced_labels(3)
     uncond = Policy.static(["uncond"] * T, 1.5)
     zero = Policy.static([{"op": "cfg", "scale": 0.0}] * T, 1.5)
     a = sample(denoiser, scheduler, uncond, noise, labels)
@@ -73,7 +74,7 @@ def test_per_step_scale_and_uncond_op(denoiser, random_unet, scheduler):
 @torch.no_grad()
 def test_ag_rule_decides_per_sample_and_really_skips(denoiser, scheduler):
     n = 8
-    noise, labels = make_noise(range(n)), balanced_labels(n)
+    noise, labels = make_noise(range(n), IMAGE_SHAPE), balanced_labels(n)
     full = sample(denoiser, scheduler, make_baseline("cfg", T, 1.5), noise, labels)
     # A threshold between the samples' cosines at the first step splits the batch.
     gamma = full.cosine_x0
@@ -96,7 +97,7 @@ def test_ag_rule_decides_per_sample_and_really_skips(denoiser, scheduler):
 
 @torch.no_grad()
 def test_ag_in_eps_space_and_threshold_extremes(denoiser, scheduler):
-    noise, labels = make_noise(range(4)), balanced_labels(4)
+    noise, labels = make_noise(range(4), IMAGE_SHAPE), balanced_labels(4)
     always = sample(denoiser, scheduler, make_baseline("ag", T, 1.5, threshold=1.0, space="eps"), noise, labels)
     never = sample(denoiser, scheduler, make_baseline("ag", T, 1.5, threshold=-1.0), noise, labels)
     assert always.nfe.max().item() <= 2 * T
@@ -105,7 +106,7 @@ def test_ag_in_eps_space_and_threshold_extremes(denoiser, scheduler):
 
 def test_soft_weights_carry_gradients(denoiser, scheduler):
     """Dense weights mix ops and gradients reach them: the search's relaxation uses this loop."""
-    from agsearch.sampling import StepPlan
+    from agsearch.guidance.controllers import StepPlan
 
     logits = torch.zeros(T, 2, requires_grad=True)
 
@@ -120,29 +121,29 @@ def test_soft_weights_carry_gradients(denoiser, scheduler):
         def observe(self, i, stats):
             pass
 
-    out = sample(denoiser, scheduler, None, make_noise(range(2)), balanced_labels(2), controller=Soft())
+    out = sample(denoiser, scheduler, None, make_noise(range(2), IMAGE_SHAPE), balanced_labels(2), controller=Soft())
     out.samples.pow(2).mean().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
 def test_noise_is_per_sample():
-    a = make_noise([5, 6, 7])
-    b = make_noise([7])
+    a = make_noise([5, 6, 7], IMAGE_SHAPE)
+    b = make_noise([7], IMAGE_SHAPE)
     assert torch.equal(a[2], b[0])
     assert not torch.equal(a[0], a[1])
 
 
 def test_sample_needs_policy_or_controller(denoiser, scheduler):
     with pytest.raises(ValueError, match="needs a policy"):
-        sample(denoiser, scheduler, None, make_noise([0]), balanced_labels(1))
+        sample(denoiser, scheduler, None, make_noise([0], IMAGE_SHAPE), balanced_labels(1))
 
 
 def test_a_repeated_resume_runs_several_continuations_in_one_batch(denoiser, scheduler):
     """``Resume.repeat``: one paused trajectory continued under three policies in one batch gives
     each continuation run alone (DPM++ carries a per-sample history of model outputs)."""
-    from agsearch.sampling import Resume
+    from agsearch.guidance.sampler import Resume
 
-    noise, labels = make_noise(list(range(4))), torch.arange(4)
+    noise, labels = make_noise(list(range(4)), IMAGE_SHAPE), torch.arange(4)
     head = ["cfg", "cfg", "cond", "cfg"]
     tails = [["cfg"] * 6, ["cond"] * 6, [{"op": "cfg", "scale": 5.0}, *["cond"] * 5]]
     paused = {}
@@ -151,7 +152,7 @@ def test_a_repeated_resume_runs_several_continuations_in_one_batch(denoiser, sch
     resume = paused[len(head)]
     alone = [sample(denoiser, scheduler, Policy.static(head + tail, 3.0), noise, labels, resume=resume).samples
              for tail in tails]
-    from agsearch.search.module import GateController
+    from agsearch.search.gates import GateController
 
     ops = [{"op": "cfg"}, {"op": "cond"}, {"op": "cfg", "scale": 5.0}]
     picks = [[ops.index(s if isinstance(s, dict) else {"op": s}) for s in head + tail] for tail in tails]

@@ -104,7 +104,7 @@ def test_argmax_and_bad_budgets():
 
 # -- the module -------------------------------------------------------------------------------------
 def test_module_trains_only_gates_and_keeps_the_model_out_of_checkpoints():
-    from agsearch.search.module import PolicySearchModule
+    from agsearch.search.gates import PolicySearchModule
 
     module = PolicySearchModule(space="adaptive_guidance", budget=35)
     assert [n for n, p in module.named_parameters()] == ["gate_logits"]
@@ -116,7 +116,7 @@ def test_module_trains_only_gates_and_keeps_the_model_out_of_checkpoints():
 
 def test_gradients_reach_every_gate():
     from agsearch.search.data import PairDataset
-    from agsearch.search.module import PolicySearchModule
+    from agsearch.search.gates import PolicySearchModule
 
     module = PolicySearchModule(num_inference_steps=5, budget=7)
     ds = PairDataset(0, 4)
@@ -216,7 +216,7 @@ def test_search_bad_space_file(tmp_path, capsys):
 
 
 def test_nan_loss_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    from agsearch.search.module import PolicySearchModule
+    from agsearch.search.gates import PolicySearchModule
 
     real = PolicySearchModule._distance
 
@@ -298,11 +298,15 @@ def test_sweep_writes_table_plot_and_policies(tmp_path, capsys):
 
 
 def test_checkpointing_keeps_saved_memory_flat_in_T(random_unet):
-    from agsearch.data import NULL_CLASS
-    from agsearch.denoisers import ClassConditionalDenoiser
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from memory_meter import (
+        measure_step,  # experiments/memory_meter.py: measurement code, not the package's
+    )
+
+    from agsearch.denoisers.class_conditional import ClassConditionalDenoiser
+    from agsearch.diffusers.schedulers import make_scheduler
     from agsearch.models.digits import SCHEDULER_CONFIG
-    from agsearch.schedulers import make_scheduler
-    from agsearch.search.memory import measure_step
+    from agsearch.models.digits.data import NULL_CLASS
 
     denoiser = ClassConditionalDenoiser(random_unet, NULL_CLASS)
     scheduler = make_scheduler("ddim", SCHEDULER_CONFIG)
@@ -327,7 +331,7 @@ def test_other_lightning_loggers_through_the_config(tmp_path, capsys):
 
 def test_checkpointing_defaults_by_device_and_gives_the_same_gradients():
     from agsearch.search.data import PairDataset
-    from agsearch.search.module import PolicySearchModule
+    from agsearch.search.gates import PolicySearchModule
 
     auto = PolicySearchModule(space="minimal", num_inference_steps=4, budget=6)
     assert auto.hparams.checkpointing is None and auto.checkpointing is False  # CPU: memory is not the limit
@@ -344,7 +348,7 @@ def test_checkpointing_defaults_by_device_and_gives_the_same_gradients():
 
 def test_polish_keeps_the_nfe_and_never_raises_the_distance():
     from agsearch.search.data import PairDataset
-    from agsearch.search.module import PolicySearchModule
+    from agsearch.search.gates import PolicySearchModule
 
     module = PolicySearchModule(space="cfg_scales", num_inference_steps=5, budget=7)
     ds = PairDataset(3, 8)
@@ -367,7 +371,7 @@ def test_polish_also_starts_from_the_cutoff():
     """``both`` polishes the gates and the cutoff and keeps the one that ends closer; ``leader``
     (the default) polishes only the one that starts closer."""
     from agsearch.search.data import PairDataset
-    from agsearch.search.module import PolicySearchModule
+    from agsearch.search.gates import PolicySearchModule
 
     module = PolicySearchModule(space="minimal", num_inference_steps=5, budget=7, polish_from="both")
     assert module.cutoff_picks() == [0, 0, 1, 1, 1]  # cfg, cfg, cond, cond, cond

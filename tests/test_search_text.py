@@ -1,9 +1,8 @@
 """``agsearch search`` on local diffusers pipeline folders: tiny SD and SD3 pipelines built offline
-(``agsearch.tiny_pipelines``) and saved with ``save_pretrained``, prompt files, the teacher
+(``agsearch.testing``) and saved with ``save_pretrained``, prompt files, the teacher
 against the pipeline's own full-CFG call, and bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from agsearch.tiny_pipelines import tiny_sd, tiny_sd3
+    from agsearch.testing import tiny_sd, tiny_sd3
 
     root = tmp_path_factory.mktemp("search-text")
     for name, pipe in (("sd", tiny_sd()), ("sd3", tiny_sd3())):
@@ -88,9 +87,9 @@ def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
     """The module's cached teacher for (seed, prompt i) equals the plain pipeline call with
     ``generator=torch.Generator().manual_seed(seed)`` at the same steps and scale, negative prompt
     included, and the negative prompt really is the unconditional pass."""
-    from agsearch.generate import load_pipeline
+    from agsearch.diffusers.generate import load_pipeline
     from agsearch.search.data import PairDataset
-    from agsearch.search.module import PolicySearchModule
+    from agsearch.search.gates import PolicySearchModule
 
     module = PolicySearchModule(space="minimal", budget=6, pipeline=str(files / name),
                                 prompts=str(files / "prompts.jsonl"), num_inference_steps=T, guidance_scale=W)

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from agsearch.cli import main
-from agsearch.models import scenes
-from agsearch.models.scenes import Caption, CaptionError, Obj, parse_caption, render, sample_scene, satisfies
+from agsearch.models.shapes import scenes
+from agsearch.models.shapes.scenes import (
+    Caption,
+    CaptionError,
+    Obj,
+    parse_caption,
+    render,
+    sample_scene,
+    satisfies,
+)
 from agsearch.policy import Policy
 
 
@@ -210,7 +218,7 @@ def test_generate_on_the_builtin_pipeline(tmp_path, capsys):
 
 
 def test_table_of_records_without_a_comparison():
-    from agsearch.evaluation import format_table
+    from agsearch.eval.records import format_table
 
     rows = [dict(name="cond-only", nfe=25, adherence=0.4, adherence_single=0.7, mse=None, psnr=None, fd=3.0, seconds=1),
             dict(name="cfg", nfe=50, adherence=0.5, adherence_single=0.9, mse=0.0, psnr=None, fd=2.0, seconds=2)]

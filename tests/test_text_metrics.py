@@ -8,14 +8,14 @@ import torch
 pytest.importorskip("open_clip")
 pytest.importorskip("torchmetrics")
 
-from agsearch.text_metrics import ClipScorer, mse_psnr  # noqa: E402
+from agsearch.eval.clip import ClipScorer, mse_psnr  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory):
     """A tiny CLIP with random weights saved as safetensors, loaded back through ClipScorer.load
     (the path a user's real weights take)."""
-    from agsearch.tiny_pipelines import TINY_CLIP_NAME, tiny_clip_weights
+    from agsearch.testing import TINY_CLIP_NAME, tiny_clip_weights
 
     return ClipScorer.load(TINY_CLIP_NAME, tiny_clip_weights(tmp_path_factory.mktemp("clip")))
 

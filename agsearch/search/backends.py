@@ -1,4 +1,4 @@
-"""Frozen model backends the search trains against: a denoiser behind the ``sampling.Denoiser``
+"""Frozen model backends the search trains against: a denoiser behind the ``agsearch.denoisers.Denoiser``
 contract, a scheduler, per-sample seeded noise and the conditions pair i draws from
 (``num_conditions``; pair i uses condition i mod ``num_conditions``). Kept outside the
 LightningModule's submodules, so checkpoints hold the gates and never the model weights.
@@ -10,16 +10,15 @@ Diffusion 1.x/2.x and 3; one condition per prompt).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 
-from agsearch.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
-from agsearch.denoisers import ClassConditionalDenoiser
-from agsearch.evaluation import make_noise
-from agsearch.schedulers import make_scheduler
+from agsearch.denoisers.class_conditional import ClassConditionalDenoiser
+from agsearch.diffusers.schedulers import make_scheduler
+from agsearch.models.digits.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
+from agsearch.seeds import make_noise
 
 MODELS = ("digits", "pipeline")  # "pipeline": the folder given as ``pipeline``
 SEARCH_STEPS = 25  # T of a pipeline search unless given: a 25-step teacher costs 50 NFE per pair
@@ -35,6 +34,7 @@ class CheckpointedDenoiser:
 
     def __init__(self, inner):
         self.inner = inner
+        self.parameterisation = getattr(inner, "parameterisation", None)
 
     def __call__(self, x, t, cond, run_cond, run_uncond):
         if not torch.is_grad_enabled() or not x.requires_grad:
@@ -51,8 +51,16 @@ class DigitsBackend:
         from agsearch.models.digits import SCHEDULER_CONFIG, load_unet
 
         self.scheduler = make_scheduler(scheduler, SCHEDULER_CONFIG)  # checks the name
+        self.scheduler_name = scheduler
         self.unet = (unet if unet is not None else load_unet()).requires_grad_(False).eval()
         self.denoiser = ClassConditionalDenoiser(self.unet, NULL_CLASS)
+
+    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool):
+        """The digits evaluator (accuracy, FD) on this backend's UNet and scheduler."""
+        from agsearch.eval.digits import DigitsEvaluator
+
+        return DigitsEvaluator(samples=samples, seed=seed, scheduler=self.scheduler_name, batch_size=batch_size,
+                               device=device, progress=progress, unet=self.unet)
 
     def to(self, device) -> "DigitsBackend":
         self.unet.to(device)
@@ -76,7 +84,7 @@ def pipeline_settings(pipeline: str, prompts: str | None) -> dict:
 
     import diffusers
 
-    from agsearch.generate import pipeline_class, read_prompts
+    from agsearch.diffusers.generate import pipeline_class, read_prompts
 
     if prompts is None:
         raise ValueError(f"model.pipeline={pipeline} needs model.prompts=FILE (one prompt per line, or JSON Lines)")
@@ -96,7 +104,7 @@ class TextPipelineBackend:
     The pipeline is loaded with ``local_files_only`` (nothing is downloaded); its prompts are
     encoded once by its own text encoders, which are then dropped with the VAE: the search keeps
     the frozen denoiser (``unet``, or SD3's ``transformer``), the scheduler and the embeddings
-    (``agsearch.text_denoisers``). The unconditional pass uses each prompt's negative prompt (the
+    (``agsearch.denoisers.text``). The unconditional pass uses each prompt's negative prompt (the
     empty prompt when it has none). Noise for seed s is ``torch.randn((C, h, w), generator=
     torch.Generator().manual_seed(s))`` of the pipeline's default latent shape — the latents the
     pipeline itself draws for ``generator=torch.Generator().manual_seed(s)`` — so the teacher is
@@ -106,7 +114,7 @@ class TextPipelineBackend:
         pipeline: the folder (``save_pretrained`` layout) of a StableDiffusionPipeline or a
             StableDiffusion3Pipeline.
         prompts: one prompt per line, or JSON Lines with ``prompt`` and ``negative_prompt``
-            (``agsearch.generate.read_prompts``).
+            (``agsearch.diffusers.generate.read_prompts``).
         scheduler: ``None`` for the pipeline's own scheduler, or ``ddim``/``euler``/``dpm++``
             built from its config (SD 1.x/2.x only; SD3 is flow matching).
     """
@@ -114,9 +122,15 @@ class TextPipelineBackend:
     SUPPORTED = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
 
     def __init__(self, pipeline: str, prompts: str, scheduler: str | None = None):
-        from agsearch.generate import load_pipeline, pipeline_class, read_prompts
-        from agsearch.text_denoisers import TextCondition, denoiser_for
-
+        from agsearch.denoisers.text import (
+            TextCondition,
+            denoiser_for,
+        )
+        from agsearch.diffusers.generate import (
+            load_pipeline,
+            pipeline_class,
+            read_prompts,
+        )
         from agsearch.models.shapes import pipeline_path
 
         self.folder, self.prompt_file = pipeline_path(pipeline), Path(prompts)
@@ -125,8 +139,7 @@ class TextPipelineBackend:
         if scheduler is not None and self.class_name == "StableDiffusion3Pipeline":
             raise ValueError(f"model.scheduler={scheduler!r}: a flow-matching pipeline ({self.class_name}) "
                              "runs its own scheduler; leave model.scheduler unset")
-        with _quiet_loading():
-            pipe = load_pipeline(pipeline)  # fp32 on the CPU; Lightning moves it and autocasts
+        pipe = load_pipeline(pipeline)  # fp32 on the CPU; Lightning moves it and autocasts
         self.scheduler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, dict(pipe.scheduler.config))
         self.cond = TextCondition.from_pipeline(pipe, [p.prompt for p in self.prompts],
                                                 [p.negative_prompt or "" for p in self.prompts])
@@ -136,6 +149,12 @@ class TextPipelineBackend:
         side = self.unet.config.sample_size  # the pipeline's default height // vae_scale_factor
         self.latent_shape = (self.unet.config.in_channels, side, side)
         self.num_conditions = len(self.prompts)
+
+    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool):
+        """Latent MSE to full CFG on held-out (noise, prompt) pairs of this pipeline and prompts."""
+        from agsearch.eval.base import PipelineEvaluator
+
+        return PipelineEvaluator(self, samples, seed, batch_size, device, progress)
 
     def to(self, device) -> "TextPipelineBackend":
         self.unet.to(device)
@@ -154,26 +173,6 @@ class TextPipelineBackend:
                 "pipeline": {"folder": str(self.folder.resolve()), "class": self.class_name,
                              "prompts": str(self.prompt_file.resolve()), "num_prompts": len(self.prompts),
                              "negative_prompts": sum(bool(p.negative_prompt) for p in self.prompts)}}
-
-
-@contextlib.contextmanager
-def _quiet_loading():
-    """No progress bars or advice while diffusers and transformers load a local pipeline."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = (diffusers_logging, transformers_logging)
-    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
-    for lib in libraries:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, (level, bars) in zip(libraries, saved):
-            lib.set_verbosity(level)
-            if bars:
-                lib.enable_progress_bar()
 
 
 def load_backend(model: str, scheduler: str | None, pipeline: str | None = None, prompts: str | None = None):

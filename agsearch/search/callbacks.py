@@ -4,7 +4,7 @@
 expected NFE, λ, the temperature and the latest losses. It writes them to ``gates.json`` in the
 run directory (whatever the logger; the notebook reads it), draws ``gates.png``, and for every
 ``WandbLogger`` of the trainer logs the heatmap as an image and the probabilities as a table.
-``ThresholdMonitor`` does the same for an adaptive space's search (``agsearch.search.adaptive``):
+``ThresholdMonitor`` does the same for an adaptive space's search (``agsearch.search.thresholds``):
 the per-step thresholds θ_t over the teacher's γ_t, and the share of samples still guided per step
 (``thresholds.json``, ``thresholds.png``; W&B ``thresholds/curve`` image and ``thresholds/table``).
 ``log_policy_artifact`` adds the exported policy file to the W&B run as an artifact.
@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
-from agsearch.policy import atomic_write_bytes, atomic_write_text
+from agsearch.io import atomic_write_bytes, atomic_write_text
 
 HISTORY_FILE = "gates.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -124,9 +124,10 @@ class GateMonitor(_History):
         png = _figure_png(plot_gates(probs, labels, title, picks))
         atomic_write_bytes(self.run_dir / "gates.png", png)
         for logger in _wandb_loggers(trainer):
+            import io
+
             import wandb
             from PIL import Image
-            import io
 
             logger.log_image(key="gates/heatmap", images=[wandb.Image(Image.open(io.BytesIO(png)), caption=title)])
             rows = [[t, *[float(x) for x in row], labels[picks[t]]] for t, row in enumerate(entry["probs"])]

@@ -1,6 +1,6 @@
 """(noise seed, condition) pairs for the search: the LightningDataModule that feeds it.
 
-Pair i of a set with seed S has noise seed S·10⁶ + i (as in ``agsearch.evaluation``) and
+Pair i of a set with seed S has noise seed S·10⁶ + i (as in ``agsearch.eval.digits``) and
 condition i mod N, N the backend's ``num_conditions``: the class label for the built-in digits
 model (N = 10), the prompt's line for a text-to-image pipeline (N prompts). The training set is fixed — like the Adaptive Guidance paper's 10k noise–prompt
 pairs — so the teacher's full-CFG samples are computed once per pair and cached. The order is
@@ -14,12 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from agsearch.data import NUM_CLASSES
-from agsearch.evaluation import SEED_STRIDE
-
-SEARCH_SEED = 0  # evaluations use 1 (held out), calibration 2, search validation 3
-CALIBRATION_SEED = 2
-VALIDATION_SEED = 3
+from agsearch.models.digits.data import NUM_CLASSES
+from agsearch.seeds import CALIBRATION_SEED, SEARCH_SEED, SEED_STRIDE, VALIDATION_SEED
 
 
 class PairDataset(Dataset):

@@ -4,7 +4,7 @@
 ``exact``: the assignment with the highest joint log-probability Σ_t log p[t, k_t] whose cost is
 exactly the budget — a knapsack over steps solved by dynamic programming in O(T · K · 2T). In the
 two-op space (``cfg``/``cond``) this keeps the budget − T steps with the highest ``cfg`` log-odds,
-the rule DESIGN.md names; with more ops it also picks each guided step's best scale.
+the top-k cutoff rule; with more ops it also picks each guided step's best scale.
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ A space file (``search_spaces/*.yaml``, shipped in the package as ``agsearch.sea
       - {op: cfg, strengths: [0.5, 2.0]}       # CFG at w' = 1 + m (w - 1) for each strength m
       - {op: cond, nfe: 1}
       - {op: uncond, nfe: 1}
-      - {op: affine, nfe: 1, coefficients: builtin, train: false}   # LinearAG (agsearch.affine)
+      - {op: affine, nfe: 1, coefficients: builtin, train: false}   # LinearAG (agsearch.linear_ag)
     relaxation:
       kind: gumbel_st                          # or softmax
       temperature: {start: 1.0, end: 0.3, schedule: exponential}   # or linear, constant
 
 An adaptive space (``kind: adaptive``, ``search_spaces/adaptive_cosine.yaml``) searches a per-sample
 rule instead of gates: per-step thresholds θ_t on the agreement γ_t = cos(cond, uncond), CFG while
-γ_t < θ_t and ``cond`` from then on (``agsearch.search.adaptive``)::
+γ_t < θ_t and ``cond`` from then on (``agsearch.search.thresholds``)::
 
     name: adaptive_cosine
     kind: adaptive
@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from agsearch.policy import OP_NFE
+from agsearch.guidance.ops import OP_NFE
 
 RELAXATIONS = ("softmax", "gumbel_st")  # static spaces
 ADAPTIVE_RELAXATIONS = ("stopping",)  # adaptive spaces

@@ -14,15 +14,16 @@ import json
 import time
 from pathlib import Path
 
-from agsearch.policy import Policy, atomic_write_text
+from agsearch.io import atomic_write_text
+from agsearch.policy import Policy
 
 
 def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int = 1000, seed: int = 1,
               batch_size: int = 1000, overrides: list[str] | None = None, progress: bool = True,
               ag: bool = True, root: str = "runs/sweep") -> list[dict]:
-    from agsearch.evaluation import DigitsEvaluator
-    from agsearch.schedulers import SCHEDULERS
-    from agsearch.search.cli import eval_metrics, run_search
+    from agsearch.cli.search import eval_metrics, run_search
+    from agsearch.diffusers.schedulers import SCHEDULERS
+    from agsearch.eval import evaluator_for
     from agsearch.search.compare import ag_at_nfe, static_baselines
 
     overrides = list(overrides or [])
@@ -42,27 +43,27 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
     first = searched[0][2]
     T, w = first.num_inference_steps, first.guidance_scale
     scheduler = next(name for name, (cls, _) in SCHEDULERS.items() if cls == first.provenance["scheduler"])
-    evaluator = DigitsEvaluator(samples=samples, seed=seed, scheduler=scheduler, batch_size=batch_size,
-                                progress=progress)
+    evaluator = evaluator_for("digits", samples=samples, seed=seed, scheduler=scheduler, batch_size=batch_size,
+                              progress=progress)
     rows: list[dict] = []
 
     def add(record, role: str, budget: int | None, extra: dict | None = None):
-        rows.append({**record.as_dict(), "role": role, "budget": budget, **(extra or {})})
+        rows.append({**record, "role": role, "budget": budget, **(extra or {})})
 
-    add(evaluator.evaluate(Policy.static(["cfg"] * T, w, name="full CFG")), "full CFG", None)
-    add(evaluator.evaluate(Policy.static(["cond"] * T, w, name="cond")), "cond", None)
+    add(evaluator.record(Policy.static(["cfg"] * T, w, name="full CFG")), "full CFG", None)
+    add(evaluator.record(Policy.static(["cond"] * T, w, name="cond")), "cond", None)
     interval_seconds = 0.0
     for budget in budgets:
         found = static_baselines(evaluator, T, w, budget)
-        interval_seconds += sum(r.seconds for r in found["intervals"])
+        interval_seconds += sum(r["seconds"] for r in found["intervals"])
         add(found["cutoff"], "cutoff", budget)
         add(found["interval"], "best interval", budget, {"windows": len(found["intervals"])})
         for space, b, policy in searched:
             if b == budget:
-                record = evaluator.evaluate(policy)
+                record = evaluator.record(policy)
                 add(record, f"searched ({space})", budget, {"search_seconds": policy.provenance["search"]["seconds"],
                                                             "ops": policy.ops_string()})
-                policy.metrics["eval"] = eval_metrics(record.as_dict(), seed)
+                policy.metrics["eval"] = eval_metrics(record, seed)
                 policy.save(policy_dir / f"{space}-b{b}.json")
         if ag:
             add(ag_at_nfe(evaluator, T, w, budget), "AG (x0) at this NFE", budget)
@@ -77,14 +78,14 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
     }
     atomic_write_text(out_dir / "sweep.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
     atomic_write_text(out_dir / "sweep.md", format_sweep(rows, meta))
-    plot_sweep(rows, out_dir / "sweep_front.png", f"digits, DDIM {T} steps, w={w:g}, {samples} held-out samples")
+    plot_sweep(rows, out_dir / "sweep_front.png", f"digits, {scheduler} {T} steps, w={w:g}, {samples} held-out samples")
     return rows
 
 
 def format_sweep(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Searched policies vs training-free baselines", "",
-        f"Produced by `{meta['command']}`: DDIM {meta['num_inference_steps']} steps, w = {meta['guidance_scale']:g}, "
+        f"Produced by `{meta['command']}`: {meta['scheduler']}, {meta['num_inference_steps']} steps, w = {meta['guidance_scale']:g}, "
         f"{meta['samples']} held-out samples (seed {meta['seed']}); MSE and PSNR against full CFG from the same noise. "
         f"The best interval is chosen on these samples (favouring the baseline). Searches took "
         f"{meta['search_seconds_total']:.0f} s in all; the exhaustive interval sweeps {meta['interval_sweep_seconds']:.0f} s.", "",
@@ -109,10 +110,11 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import io
+
     import matplotlib.pyplot as plt
 
-    from agsearch.policy import atomic_write_bytes
-    import io
+    from agsearch.io import atomic_write_bytes
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     roles = sorted({r["role"] for r in rows if r["budget"] is not None})

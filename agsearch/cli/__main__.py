@@ -1,0 +1,5 @@
+import sys
+
+from agsearch.cli import main
+
+sys.exit(main())

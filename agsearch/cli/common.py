@@ -1,0 +1,135 @@
+"""What every ``agsearch`` command shares: the user-error type (one line, exit code 2), quiet
+Lightning logging, the run logger (W&B offline by default, or CSV), the Trainer defaults and the
+LightningCLI base of ``agsearch search`` and ``agsearch cca``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Optional
+
+
+class UserError(ValueError):
+    """Input the user can fix: the CLI prints it as one line and exits with code 2."""
+
+
+def one_line(message: str) -> str:
+    """A (possibly multi-line) library message as one line of at most 400 characters."""
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    text = "; ".join(lines[:3]) if lines else "invalid arguments"
+    return text if len(text) < 400 else text[:397] + "..."
+
+
+# -- quiet libraries ------------------------------------------------------------------------------------
+class _QuietLightning(logging.Filter):
+    """Drop Lightning's chatter that says nothing about this run (seed banner, product tips)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Seed set to") or "litlogger" in message.lower())
+
+
+def quiet_lightning() -> None:
+    """Filter Lightning's seed banner and product tips (idempotent)."""
+    for name in ("lightning_fabric.utilities.seed", "pytorch_lightning.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLightning) for f in logger.filters):
+            logger.addFilter(_QuietLightning())
+
+
+# -- Lightning runs ---------------------------------------------------------------------------------------
+def trainer_defaults(**overrides) -> dict:
+    """The Trainer settings every agsearch run starts from, with a command's own on top."""
+    return {"max_epochs": -1, "accelerator": "auto", "devices": 1, "num_sanity_val_steps": 0,
+            "enable_model_summary": False, **overrides}
+
+
+def default_logger(run_dir: Path, mode: str = "offline", project: str = "agsearch", name: str | None = None):
+    """W&B (``offline`` by default: no login, never blocks; or ``online``) or, with mode
+    ``disabled``, a CSV logger, writing into ``run_dir``."""
+    if mode == "disabled":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="", version="")
+    from pytorch_lightning.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(save_dir=str(run_dir), project=project, name=name or run_dir.name,
+                       offline=mode == "offline", log_model=False)
+
+
+@lru_cache(maxsize=None)
+def command_cli():
+    """The LightningCLI base of the training commands (imported lazily: Lightning is slow to load).
+
+    A subclass passes its module and data classes, program name, description and Trainer
+    defaults; it gets the shared options (``--out``, ``--eval.samples/seed/batch_size``,
+    ``--wandb.mode/project``, ``--progress``), their checks and the Trainer assembly (run
+    directory, progress bar, logger) as :meth:`trainer_config`."""
+    from pytorch_lightning.cli import LightningCLI
+
+    class CommandCLI(LightningCLI):
+        def __init__(self, model_class, datamodule_class, args, *, prog: str, description: str, trainer_defaults: dict,
+                     **kwargs):
+            super().__init__(model_class, datamodule_class, args=args, run=False, trainer_defaults=trainer_defaults,
+                             seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                             parser_kwargs={"exit_on_error": False, "prog": prog, "description": description},
+                             **kwargs)
+
+        eval_samples = 100  # the default of --eval.samples
+        out_help = "where to write the result"
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--out", type=Optional[str], default=None, help=self.out_help)
+            parser.add_argument("--eval.samples", type=int, default=self.eval_samples,
+                                help="held-out samples for the final evaluation (0: skip it)")
+            parser.add_argument("--eval.seed", type=int, default=1,
+                                help="held-out noise seed: sample i uses seed·10⁶ + i (the search uses data.seed)")
+            parser.add_argument("--eval.batch_size", type=int, default=1000)
+            parser.add_argument("--wandb.mode", type=Literal["offline", "online", "disabled"], default="offline",
+                                help="W&B for the default logger: offline (no login, never blocks), online, "
+                                     "or disabled (a CSV logger instead)")
+            parser.add_argument("--wandb.project", type=str, default="agsearch")
+            parser.add_argument("--progress", type=bool, default=True, help="progress bars")
+
+        def check_eval(self, config) -> None:
+            if config.eval.samples < 0 or config.eval.samples == 1:
+                raise UserError(f"Expected eval.samples to be 0 (skip) or at least 2, but got {config.eval.samples}")
+            if config.eval.batch_size < 1:
+                raise UserError(f"Expected eval.batch_size >= 1, but got {config.eval.batch_size}")
+
+        def trainer_config(self, kwargs: dict, logger_name: str | None = None) -> tuple[dict, list]:
+            """(Trainer settings, extra callbacks) with this run's directory, progress bar and logger."""
+            config = self.config
+            extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            trainer_config["default_root_dir"] = str(self.run_dir)
+            trainer_config["enable_progress_bar"] = (bool(config.progress)
+                                                     and trainer_config.get("enable_progress_bar", True) is not False)
+            if trainer_config.get("logger") in (None, True):
+                trainer_config["logger"] = default_logger(self.run_dir, config.wandb.mode, config.wandb.project,
+                                                          logger_name)
+            return trainer_config, extra
+
+    return CommandCLI
+
+
+def build_command_cli(cli_class, argv: list[str], errors: tuple[type[Exception], ...] = ()):
+    """Parse ``argv`` with a :func:`command_cli` subclass and instantiate model, data and trainer;
+    a bad argument (``ArgumentError``, ``ValueError`` or one of ``errors``) is a :class:`UserError`."""
+    from jsonargparse import ArgumentError
+
+    quiet_lightning()
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees a command line
+    try:
+        return cli_class(argv)
+    except UserError:
+        raise
+    except (ArgumentError, ValueError, *errors) as e:  # ValueError includes SpaceError
+        raise UserError(one_line(str(e))) from None
+    finally:
+        sys.argv = saved

@@ -1,0 +1,476 @@
+"""The ``agsearch`` command line.
+
+Exit codes: 0 success; 2 bad input (unreadable or invalid policy, unknown model or baseline, bad
+option), with one line on stderr and no traceback; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from agsearch.cli.common import UserError
+from agsearch.io import atomic_write_text
+from agsearch.policy import PolicyError
+
+MODELS = ("digits", "shapes")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _settings(model: str = "digits") -> dict:
+    """The benchmark protocol's settings (scheduler, steps, best scale) of a built-in model."""
+    _check_model(model)
+    if model == "shapes":
+        from agsearch.models.shapes import benchmark_settings
+    else:
+        from agsearch.models.digits import benchmark_settings
+
+    return benchmark_settings()
+
+
+def _check_model(name: str) -> None:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+
+
+def _check_out(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"output path {path} is a directory; give a file name")
+
+
+# -- subcommands ------------------------------------------------------------------------------------
+def cmd_baseline(args) -> int:
+    from agsearch.baselines import make_baseline
+
+    settings = _settings(args.model)
+    steps = args.steps or settings["num_inference_steps"]
+    scale = settings["guidance_scale"] if args.scale is None else args.scale
+    threshold = args.threshold
+    if args.name == "ag" and threshold is None:
+        threshold = settings.get("ag_threshold")
+        if threshold is None:
+            raise UserError(f"the {args.model} model has no calibrated AG threshold: give --threshold G")
+    _check_out(args.out)
+    affine = None
+    if args.name in ("linear-ag", "affine-cutoff") and args.model != "digits":
+        raise UserError(f"{args.name} has shipped coefficients for the digits model only; "
+                       f"fit them with agsearch fit-affine (digits) or pass --model digits")
+    if args.name in ("linear-ag", "affine-cutoff"):
+        from agsearch.linear_ag import load_builtin, load_coefficients
+
+        affine = load_coefficients(args.affine) if args.affine is not None else load_builtin()
+    base = None
+    if args.base is not None:
+        from agsearch.policy import Policy
+
+        if args.name != "linear-ag":
+            raise UserError(f"--from is an option of linear-ag, not of {args.name}")
+        base = Policy.load(args.base)
+    policy = make_baseline(args.name, steps, scale, fraction=args.fraction, start=args.start,
+                           stop=args.stop, threshold=threshold, space=args.space, affine=affine, base=base)
+    policy.provenance.setdefault("model", f"agsearch-{args.model}")
+    policy.save(args.out)
+    nfe = policy.nfe if policy.nfe is not None else f"adaptive, at most {policy.max_nfe}"
+    print(f"wrote {args.out} ({policy.label()}, NFE {nfe} of {2 * steps})")
+    return 0
+
+
+def _load_policies(paths, steps: int, resample: bool):
+    from agsearch.policy import Policy
+
+    policies = []
+    for path in paths:
+        policy = Policy.load(path)
+        try:
+            policies.append(policy.for_steps(steps, resample))
+        except PolicyError as e:
+            raise PolicyError(e.reason, e.pointer, str(path)) from None
+    return policies
+
+
+def cmd_fit_affine(args) -> int:
+    from agsearch.baselines import make_baseline
+    from agsearch.linear_ag_fit import fit_digits, r2_table
+
+    _check_model(args.model)
+    for path in (args.out, args.policy, args.report):
+        if path is not None:
+            _check_out(path)
+    document = fit_digits(pairs=args.pairs, heldout=args.heldout, ridge=args.ridge, per_channel=args.per_channel,
+                          seed=args.seed, heldout_seed=args.heldout_seed, device=args.device)
+    document["command"] = " ".join(["agsearch", *sys.argv[1:]]) if sys.argv[1:2] == ["fit-affine"] else "fit_digits()"
+    table = r2_table(document)
+    s = document["seconds"]
+    summary = (f"LinearAG fit on {args.pairs} teacher trajectories (seed {args.seed}), held-out R² on {args.heldout} "
+               f"(seed {args.heldout_seed}); teacher sampling {s['teacher']:.2f} s, ridge fit {s['fit']:.3f} s")
+    print(summary)
+    print(table)
+    atomic_write_text(args.out, json.dumps(document, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.policy is not None:
+        policy = make_baseline("linear-ag", document["num_inference_steps"], document["guidance_scale"], affine=document)
+        policy.provenance.setdefault("model", "agsearch-digits")
+        policy.save(args.policy)
+        print(f"wrote {args.policy} ({policy.label()}, NFE {policy.nfe} of {2 * policy.num_inference_steps})")
+    if args.report is not None:
+        atomic_write_text(args.report, f"# LinearAG fit: held-out R² per step\n\nProduced by `{document['command']}`. "
+                          f"{summary}.\n\n{table}\n")
+        print(f"wrote {args.report}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from agsearch.eval import evaluator_for
+    from agsearch.eval.records import format_table
+
+    _check_model(args.model)
+    steps = args.steps or _settings(args.model)["num_inference_steps"]
+    if args.json is not None:
+        _check_out(args.json)
+    if args.captions is not None and args.model != "shapes":
+        raise UserError(f"--captions is an option of --model shapes (the {args.model} model has no captions)")
+    policies = _load_policies(args.policy, steps, args.resample)  # all input checked before sampling
+    evaluator = evaluator_for(args.model, samples=args.samples, seed=args.seed, scheduler=args.scheduler,
+                              batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                              captions=args.captions)
+    records = []
+    for path, policy in zip(args.policy, policies):
+        record = evaluator.record(policy)
+        record.update(policy_file=str(path), seed=args.seed, scheduler=args.scheduler)
+        records.append(record)
+    print(format_table(records, markdown=args.markdown))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from agsearch.eval.bench import run_benchmark
+
+    _check_model(args.model)
+    run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
+                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                  quick=args.quick, policies=args.policy, families=args.families, merge=args.merge,
+                  records_files=args.records)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from agsearch.policy import Policy
+
+    for path in args.policy:
+        policy = Policy.load(path)
+        if policy.kind == "static":
+            ops = policy.ops_string()
+            print(f"{path}: static, {policy.num_inference_steps} steps, w={policy.guidance_scale:g}, "
+                  f"NFE {policy.nfe} of {2 * policy.num_inference_steps}  [{ops}]  (C=cfg c=cond u=uncond A=affine)")
+        else:
+            rule = ", ".join(f"{k}={v}" for k, v in policy.rule.items())
+            print(f"{path}: adaptive, {policy.num_inference_steps} steps, w={policy.guidance_scale:g}, {rule}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from agsearch.cli.search import export_main
+
+    _check_out(args.out)
+    return export_main(args)
+
+
+def cmd_sweep(args) -> int:
+    from agsearch.eval.records import format_table
+    from agsearch.search.space import SearchSpace
+    from agsearch.search.sweep import run_sweep
+
+    for space in args.spaces:
+        SearchSpace.load(space)  # fail before the first search, not after it
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UserError(f"--out-dir {args.out_dir} is a file")
+    rows = run_sweep(args.budgets, args.spaces, args.out_dir, args.samples, args.seed, args.batch_size,
+                     args.overrides, progress=not args.no_progress, ag=not args.no_ag)
+    print(format_table(rows, markdown=False))
+    print(f"wrote {args.out_dir / 'sweep.md'}, {args.out_dir / 'sweep.json'}, {args.out_dir / 'sweep_front.png'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from agsearch.diffusers.generate import (
+        Prompt,
+        generate,
+        load_pipeline,
+        output_paths,
+        pipeline_class,
+        read_prompts,
+        write_images,
+    )
+    from agsearch.policy import Policy
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UserError("give exactly one of --prompt and --prompt-file")
+    if args.out.suffix.lower() != ".png":
+        raise UserError(f"--out must be a .png file, got {args.out}")
+    _check_out(args.out)
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty")
+        prompts = [Prompt(args.prompt, args.negative_prompt)]
+    else:
+        prompts = read_prompts(args.prompt_file)
+        if args.negative_prompt is not None:
+            prompts = [Prompt(p.prompt, p.negative_prompt or args.negative_prompt) for p in prompts]
+    for path in output_paths(args.out, len(prompts)) + ([args.json] if args.json else []):
+        _check_out(path)
+    policy = Policy.load(args.policy)
+    if args.scale is not None:  # the scale of full CFG and of cfg steps without their own
+        policy = Policy.from_dict({**policy.to_dict(), "guidance_scale": args.scale}, str(args.policy))
+    policy.for_steps(args.steps or policy.num_inference_steps, args.resample)  # before loading the model
+    if args.clip_weights is not None and not args.clip_weights.is_file():
+        raise UserError(f"--clip-weights {args.clip_weights} does not exist")
+    pipeline_class(args.pipeline)
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
+    result = generate(pipe, policy, prompts, seed=args.seed, steps=args.steps, resample=args.resample,
+                      reference=not args.no_reference, height=args.height, width=args.width)
+    r = result["report"]
+    if args.clip_weights is not None:
+        from agsearch.eval.clip import ClipScorer
+
+        scorer = ClipScorer.load(args.clip_model, args.clip_weights, device=args.device)
+        texts = [p.prompt for p in prompts]
+        r["clip_score"] = scorer.score(result["images"], texts).tolist()
+        if result["full_cfg_images"] is not None:
+            r["full_cfg_clip_score"] = scorer.score(result["full_cfg_images"], texts).tolist()
+    paths = write_images(result["images"], args.out)
+    nfe = sum(r["nfe_per_image"]) / len(r["nfe_per_image"])
+    line = (f"{r['policy']}: NFE {nfe:g} per image of {r['full_cfg_nfe']} for full CFG "
+            f"({nfe / r['full_cfg_nfe']:.0%}), {r['seconds']:.2f}s")
+    if "speedup" in r:
+        mean_psnr = sum(r["psnr_vs_full_cfg"]) / len(r["psnr_vs_full_cfg"])
+        line += (f"; full CFG {r['full_cfg_seconds']:.2f}s, speedup {r['speedup']:.2f}x; "
+                 f"vs full CFG: MSE {sum(r['mse_vs_full_cfg']) / len(prompts):.3g}, PSNR {mean_psnr:.1f} dB")
+    if "clip_score" in r:
+        line += f"; CLIP score {sum(r['clip_score']) / len(prompts):.2f}"
+        if "full_cfg_clip_score" in r:
+            line += f" (full CFG {sum(r['full_cfg_clip_score']) / len(prompts):.2f})"
+    print(line)
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="agsearch", description="Search, export, apply and evaluate cheap CFG policies.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("baseline", help="write a named training-free baseline policy",
+                       description="Write a training-free baseline policy file. --steps and --scale "
+                                   "default to the built-in model's benchmark settings.")
+    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag | linear-ag | affine-cutoff")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps T")
+    p.add_argument("--scale", type=_nonneg_float, help="guidance scale w")
+    p.add_argument("--fraction", type=_finite_float, help="cutoff, affine-cutoff: CFG for the first round(F*T) steps; "
+                   "linear-ag: CFG/affine alternate over the first round(F*T) steps (default 0.5)")
+    p.add_argument("--start", type=_finite_float, help="interval: CFG where i/T is in [start, stop)")
+    p.add_argument("--stop", type=_finite_float, help="interval: end of the window (exclusive)")
+    p.add_argument("--threshold", type=_finite_float,
+                   help="ag: cosine threshold (default: the built-in model's calibrated one)")
+    p.add_argument("--space", choices=("x0", "eps"), default="x0", help="ag: where the cosine is taken")
+    p.add_argument("--affine", type=Path, metavar="COEFFS",
+                   help="linear-ag, affine-cutoff: coefficients JSON from fit-affine (default: the built-in model's shipped fit)")
+    p.add_argument("--from", dest="base", type=Path, metavar="POLICY",
+                   help="linear-ag: start from this static policy and make its cond steps affine (same NFE)")
+    p.add_argument("--model", default="digits", help="built-in model whose benchmark settings (steps, scale, "
+                   "AG threshold) are the defaults: digits or shapes")
+    p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("eval", help="evaluate policies side by side on a built-in model",
+                       description="Sample each policy from the same noise and report NFE, class accuracy "
+                                   "(digits) or prompt adherence overall and per caption category (shapes), "
+                                   "MSE/PSNR against full CFG, Fréchet distance, wall time.")
+    p.add_argument("--policy", action="append", type=Path, required=True, help="policy JSON (repeatable)")
+    p.add_argument("--model", default="digits", help="built-in model: digits or shapes")
+    p.add_argument("--captions", metavar="SET|FILE",
+                   help="shapes: 'heldout' (default: captions with combinations never in training), 'train', "
+                        "or a file of captions, one per line, used in order")
+    p.add_argument("--samples", type=_positive_int, default=1000,
+                   help="samples per policy (digits: balanced classes; shapes: categories in turn)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="noise seed: sample i uses seed*10^6+i (search seeds use 0, so 1+ are held out)")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: benchmark's)")
+    p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
+    p.add_argument("--scheduler", choices=("ddim", "euler", "dpm++"), default="ddim")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="write the records as JSON here")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmark every baseline into a markdown table and plots",
+                       description="Evaluate full CFG, cond, cutoff and interval sweeps, alternating "
+                                   "and AG at several thresholds; write benchmark.md/.json and PNG fronts.")
+    p.add_argument("--model", default="digits", help="built-in model (digits)")
+    p.add_argument("--out-dir", type=Path, default=Path("results"))
+    p.add_argument("--samples", type=_positive_int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="a few policies only (smoke test)")
+    p.add_argument("--policy", action="append", type=Path, default=[],
+                   help="also evaluate this policy file (repeatable; e.g. searched policies)")
+    p.add_argument("--families", nargs="+", metavar="FAMILY",
+                   help="evaluate only these families (e.g. linear-ag affine-cutoff); policy files always run")
+    p.add_argument("--merge", action="store_true",
+                   help="replace those families' rows in the existing OUT_DIR/benchmark.json instead of a new table")
+    p.add_argument("--records", action="append", type=Path, default=[],
+                   help="with --merge: add the records of an 'agsearch eval --json' run (same samples, seed, scheduler)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("fit-affine", help="fit LinearAG coefficients (ε_u from past estimates) on teacher trajectories",
+                       description="Run full-CFG teacher trajectories on (seed, class) pairs of the built-in model, fit "
+                                   "per-step ridge coefficients predicting the unconditional prediction from eps_c(t), "
+                                   "eps_c(t-1), eps_u(t-1), x_t and a bias, and report the held-out R² per step.")
+    p.add_argument("--model", default="digits", help="built-in model (digits)")
+    p.add_argument("--pairs", type=_positive_int, default=200, help="teacher trajectories to fit on")
+    p.add_argument("--heldout", type=_positive_int, default=100, help="trajectories for the held-out R²")
+    p.add_argument("--seed", type=int, default=0, help="noise seed S of the fit pairs (the search's: 0; 1 is the evaluation's)")
+    p.add_argument("--heldout-seed", type=int, default=3, help="noise seed of the held-out pairs (search validation: 3)")
+    p.add_argument("--ridge", type=_nonneg_float, default=1e-4, help="ridge λ relative to the mean diagonal of XᵀX")
+    p.add_argument("--per-channel", action="store_true", help="one coefficient per channel instead of scalars")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="coefficients JSON to write")
+    p.add_argument("--policy", type=Path, help="also write the linear-ag baseline policy with these coefficients")
+    p.add_argument("--report", type=Path, help="also write the per-step R² table as markdown")
+    p.set_defaults(func=cmd_fit_affine)
+
+    sub.add_parser("search", add_help=False, help="search a guidance policy (LightningCLI; see 'agsearch search --help')")
+    sub.add_parser("cca", add_help=False, help="CCA fine-tune of the AR digits model (LightningCLI; see 'agsearch cca --help')")
+
+    p = sub.add_parser("export", help="export a search checkpoint as a policy JSON at a budget",
+                       description="Discretise the gates of a search checkpoint into a policy file.")
+    p.add_argument("checkpoint", type=Path, help="a search checkpoint (e.g. <run>/checkpoints/last.ckpt)")
+    p.add_argument("--budget", type=int, help="NFE per sample to meet exactly (default: the search's budget)")
+    p.add_argument("--mode", choices=("exact", "argmax"), default="exact",
+                   help="exact: meet the budget exactly; argmax: the most probable op per step")
+    p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="search several budgets; one table and front plot against the baselines",
+                       description="Run one search per space and budget, then evaluate them beside full CFG, "
+                                   "cond, the cutoff, the best of all guidance intervals and AG at the same NFE. "
+                                   "Arguments after '--' go to every search (e.g. -- --trainer.max_steps=96).")
+    p.add_argument("--budgets", type=_positive_int, nargs="+", default=[30, 35, 40, 45], help="NFE budgets")
+    p.add_argument("--spaces", nargs="+", default=["minimal"], help="search spaces (names or YAML files)")
+    p.add_argument("--samples", type=_positive_int, default=1000, help="held-out samples per policy")
+    p.add_argument("--seed", type=int, default=1, help="held-out noise seed")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--out-dir", type=Path, default=Path("results/search"))
+    p.add_argument("--no-ag", action="store_true", help="skip matching the AG rule to each budget")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("generate", help="sample a local diffusers pipeline under a policy; NFE/time vs full CFG",
+                       description="Load a StableDiffusion/XL/3 pipeline folder (save_pretrained layout, "
+                                   "nothing downloaded), sample under the policy with apply_policy, then "
+                                   "under full CFG from the same noise, and report NFE, time and PSNR.")
+    p.add_argument("--pipeline", required=True,
+                   help="diffusers pipeline folder, or builtin:shapes (the built-in text-to-image model)")
+    p.add_argument("--policy", type=Path, required=True, help="policy JSON")
+    p.add_argument("--prompt", help="the prompt")
+    p.add_argument("--prompt-file", type=Path, help="prompts: one per line, or JSONL with prompt/negative_prompt")
+    p.add_argument("--negative-prompt", help="negative prompt (used on CFG steps only)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the policy's)")
+    p.add_argument("--scale", type=_finite_float, help="guidance scale (default: the policy's)")
+    p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
+    p.add_argument("--height", type=_positive_int, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=_positive_int, help="image width (default: the pipeline's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--no-reference", action="store_true", help="skip the full-CFG reference call")
+    p.add_argument("--clip-weights", type=Path, help="open-clip weights file: also report CLIP scores")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open-clip model name of --clip-weights")
+    p.add_argument("--json", type=Path, help="write the NFE/time report as JSON here")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write (<stem>-<i>.png for several prompts)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("show", help="validate policy files and print a one-line summary of each")
+    p.add_argument("policy", nargs="+", type=Path)
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["search"]:  # LightningCLI parses its own arguments
+        from agsearch.cli.search import search_main
+
+        return search_main(argv[1:])
+    if argv[:1] == ["cca"]:  # LightningCLI too
+        from agsearch.cli.cca import cca_main
+
+        return cca_main(argv[1:])
+    overrides: list[str] = []
+    if argv[:1] == ["sweep"] and "--" in argv:  # the rest goes to every search
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.overrides = overrides
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except ValueError as e:  # UserError, PolicyError, SpaceError, CaptionError, ...
+        print(f"agsearch: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"agsearch: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("agsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

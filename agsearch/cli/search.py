@@ -1,0 +1,296 @@
+"""``agsearch search`` (LightningCLI) and ``agsearch export``.
+
+``agsearch search`` with no arguments runs the built-in digits search (DDIM, 25 steps, the
+cfg_scales space: cfg at five scales or cond, budget 35 of 50 NFE), writes the discretised policy with its provenance
+and held-out metrics, and prints it next to full CFG, the cutoff and the best guidance interval
+at the same NFE. ``--config FILE`` and dotted overrides (``--model.budget=33``,
+``--trainer.max_steps=200``) work as in any LightningCLI; ``--print_config`` shows the whole
+configuration. Every run gets a directory ``<trainer.default_root_dir>/<space>-b<budget>-<time>``
+holding ``config.yaml``, ``checkpoints/last.ckpt``, ``gates.json``/``gates.png``, the W&B
+offline run and ``policy.json``. ``--ckpt_path CKPT`` resumes a run in its own directory.
+
+On a local diffusers pipeline (``--model.pipeline=DIR --model.prompts=FILE``, Stable Diffusion
+1.x/2.x or 3) the teacher is the pipeline's full CFG from the same noise and prompt; the
+provenance names the folder and the prompt file, and the final comparison is full CFG, the
+searched policy and the cutoff at its NFE by MSE of the final latents to full CFG on held-out
+pairs (the digits baselines need the digits classifier). Bad input — a missing folder, an
+unsupported pipeline class, an empty or malformed prompt file — is one line and exit code 2,
+before the run directory is created.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from agsearch.cli.common import (
+    UserError,
+    build_command_cli,
+    command_cli,
+    one_line,
+    trainer_defaults,
+)
+from agsearch.policy import Policy
+
+DEFAULT_ROOT = "runs/search"
+TRAINER_DEFAULTS = trainer_defaults(max_steps=24,  # 3 epochs of 256 pairs at batch 32
+                                    default_root_dir=DEFAULT_ROOT, log_every_n_steps=1)
+
+
+def _cli_class():
+    from agsearch.search.data import GuidancePairs
+    from agsearch.search.gates import PolicySearchModule
+
+    class SearchCLI(command_cli()):
+        eval_samples = 100
+        out_help = "policy JSON to write (default: <run dir>/policy.json)"
+
+        def __init__(self, args):
+            super().__init__(PolicySearchModule, GuidancePairs, args, prog="agsearch search",
+                             description="Differentiable search of a per-step guidance policy.",
+                             trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
+            parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                                help="resume from this checkpoint (continues its run directory)")
+            parser.add_argument("--eval.baselines", type=bool, default=True,
+                                help="also evaluate the cutoff and every guidance interval at the same NFE")
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config
+            self.run_dir = _run_dir(config)
+            import os
+
+            os.environ["AGSEARCH_RUN_DIR"] = str(self.run_dir)
+
+        def instantiate_trainer(self, **kwargs):
+            from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+
+            from agsearch.search.callbacks import (
+                GateMonitor,
+                ThresholdMonitor,
+                progress_bar,
+            )
+            from agsearch.search.thresholds import ThresholdSearchModule
+
+            # Made only now that the model and data were built: bad input leaves no directory.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            trainer_config, extra = self.trainer_config(kwargs)
+            given = [*extra, trainer_config.get("callbacks") or []]
+            given = [c for item in given for c in (item if isinstance(item, list) else [item])]
+            if trainer_config["enable_progress_bar"] and not any(isinstance(c, ProgressBar) for c in given):
+                extra.append(progress_bar())
+            adaptive = isinstance(self.model, ThresholdSearchModule)
+            self.gate_monitor = (ThresholdMonitor if adaptive else GateMonitor)(self.run_dir)
+            extra += [self.gate_monitor,
+                      ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1,
+                                      every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)]
+            return self._instantiate_trainer(trainer_config, extra)
+
+    return SearchCLI
+
+
+def _run_dir(config) -> Path:
+    import os
+
+    # DDP's launcher re-runs this command in every extra process: they share rank 0's directory.
+    if "AGSEARCH_RUN_DIR" in os.environ and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return Path(os.environ["AGSEARCH_RUN_DIR"])
+    if config.get("ckpt_path"):
+        ckpt = Path(config.ckpt_path)
+        if not ckpt.is_file():
+            raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent
+    root = Path(config.trainer.get("default_root_dir") or DEFAULT_ROOT)
+    space = Path(str(config.model.space)).stem if isinstance(config.model.space, str) else "space"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = root / f"{space}-b{config.model.budget}-{stamp}"
+    n = 1
+    while run.exists():
+        n += 1
+        run = root / f"{space}-b{config.model.budget}-{stamp}-{n}"
+    return run
+
+
+def build_cli(argv: list[str]):
+    """Parse ``argv`` and instantiate model, data and trainer (raises :class:`UserError`)."""
+    return build_command_cli(_cli_class(), argv)
+
+
+def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]:
+    """One search run: fit, export, evaluate, save. Returns (policy, its path, comparison records);
+    (None, None, []) on non-zero DDP ranks."""
+    cli = build_cli(argv)
+    trainer, module, config = cli.trainer, cli.model, cli.config
+    out = Path(config.out) if config.out else cli.run_dir / "policy.json"
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name")
+    cli.check_eval(config)
+    if trainer.is_global_zero:
+        print(f"agsearch search: run directory {cli.run_dir}", file=sys.stderr)
+    from agsearch.search.base import NonFiniteLossError
+
+    try:
+        trainer.fit(module, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    except NonFiniteLossError as e:
+        last = cli.run_dir / "checkpoints" / "last.ckpt"
+        where = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written before it"
+        raise NonFiniteLossError(f"{e}; {where}") from None
+    if not trainer.is_global_zero:
+        return None, None, []
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+    data = cli.datamodule.hparams
+    from agsearch.search.thresholds import ThresholdSearchModule
+
+    run = dict(seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
+               processes=int(trainer.world_size), run_dir=str(cli.run_dir),
+               checkpoint=str(cli.run_dir / "checkpoints" / "last.ckpt"))
+    if isinstance(module, ThresholdSearchModule):
+        policy = module.export_policy(calibration_seed=int(data.calibration_seed),
+                                      calibration_pairs=int(data.num_calibration), **run)
+    else:
+        picks, polish = module.discrete_indices(), None
+        if module.hparams.polish_rounds and data.num_val:
+            from agsearch.search.data import PairDataset
+
+            batch = PairDataset(data.val_seed, data.num_val, module.backend.num_conditions).batch(module.device)
+            picks, polish = module.polish_starts(batch, picks, module.hparams.polish_rounds)
+        policy = module.export_policy(picks=picks, polish=polish, **run)
+    metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    policy.metrics["search"] = metrics
+    records: list[dict] = []
+    if config.eval.samples:
+        records = evaluate_against_baselines(module, policy, config.eval.samples, config.eval.seed,
+                                             config.eval.batch_size, config.eval.baselines, config.progress)
+        searched = next(r for r in records if r["role"] == "searched")
+        policy.metrics["eval"] = eval_metrics(searched, config.eval.seed)
+    path = policy.save(out)
+    cli.gate_monitor.write(module)
+    from agsearch.search.callbacks import log_policy_artifact
+
+    log_policy_artifact(trainer, path, f"policy-{cli.run_dir.name}", records)
+    for logger in trainer.loggers:
+        exp = getattr(logger, "experiment", None)
+        if hasattr(exp, "finish"):
+            exp.finish()
+    return policy, path, records
+
+
+def describe(policy: Policy) -> str:
+    """One line: a static policy's ops and NFE; an adaptive one's thresholds and calibrated mean NFE."""
+    if policy.kind == "static":
+        return f"{policy.label()}  {policy.ops_string()}  NFE {policy.nfe}"
+    calibration = policy.provenance.get("search", {}).get("calibration", {})
+    thetas = " ".join(f"{policy.threshold_at(i):.4f}" for i in range(policy.num_inference_steps - 1))
+    nfe = f"  mean NFE {calibration['mean_nfe']:.2f} on {calibration['pairs']} calibration pairs" if calibration else ""
+    return f"{policy.label()}  θ_t = {thetas}{nfe}"
+
+
+def eval_metrics(record: dict, seed: int) -> dict:
+    """The held-out metrics a policy file keeps, from an evaluation record."""
+    keys = ("nfe", "accuracy", "mse", "psnr", "fd", "samples")  # a pipeline's records: no accuracy, PSNR, FD
+    return {**{k: record[k] for k in keys if k in record}, "seed": seed}
+
+
+def evaluate_against_baselines(module, policy: Policy, samples: int, seed: int, batch_size: int,
+                               baselines: bool, progress: bool) -> list[dict]:
+    """Held-out records of full CFG, the searched policy and its baselines
+    (:func:`agsearch.search.compare.compare_with_baselines`) on the search model's evaluator: the
+    digits evaluator (accuracy, FD; every guidance interval too) or, for a pipeline folder, latent
+    MSE on held-out (noise, prompt) pairs (the cutoff only)."""
+    from agsearch.search.compare import compare_with_baselines
+
+    evaluator = module.backend.evaluator(samples, seed, batch_size, str(module.device), progress)
+    return compare_with_baselines(evaluator, module, policy, baselines, intervals=module.hparams.model == "digits")
+
+
+def search_main(argv: list[str]) -> int:
+    from agsearch.eval.records import format_table
+    from agsearch.search.base import NonFiniteLossError
+
+    try:
+        policy, path, records = run_search(argv)
+    except SystemExit as e:  # --help / --print_config
+        return int(e.code or 0)
+    except UserError as e:
+        print(f"agsearch search: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"agsearch search: {e}", file=sys.stderr)
+        return 1
+    if policy is None:
+        return 0
+    print(f"policy: {path}")
+    print(describe(policy))
+    if records:
+        n, seed = records[0]["samples"], policy.metrics.get("eval", {}).get("seed")
+        if "accuracy" in records[0]:
+            print(f"held-out comparison, {n} samples (seed {seed}); `agsearch sweep` compares on 1000:")
+        else:
+            print(f"held-out comparison, {n} samples (seed {seed}); MSE of the final latents to full CFG:")
+        print(format_table(records, markdown=False))
+    return 0
+
+
+# -- export -----------------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path):
+    """(``PolicySearchModule`` with the gates of a search checkpoint, the checkpoint dict);
+    no pickle: weights_only."""
+    from agsearch.search.gates import PolicySearchModule
+
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no such checkpoint file: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a checkpoint file") from None
+    except Exception as e:  # unpickling refused, truncated or not a checkpoint
+        raise UserError(f"{path} is not a readable search checkpoint ({type(e).__name__}: {one_line(str(e))[:160]})") from None
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    if "gate_logits" not in state and "thresholds_u" not in state:
+        raise UserError(f"{path} is not an agsearch search checkpoint (no gate_logits or thresholds_u in its state_dict)")
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    import inspect
+
+    names = set(inspect.signature(PolicySearchModule.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hparams.items() if k in names}
+    if "space_spec" in hparams:
+        kwargs["space"] = hparams["space_spec"]
+    module = PolicySearchModule(**kwargs)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module, checkpoint
+
+
+def export_checkpoint(ckpt: str | Path, budget: int | None, out: str | Path, mode: str = "exact") -> Policy:
+    """Discretise a checkpoint's gates at ``budget`` (a bad budget is a ValueError from
+    ``discretize``, naming the valid range) and save the policy."""
+    from agsearch.search.thresholds import ThresholdSearchModule
+    from agsearch.seeds import CALIBRATION_SEED
+
+    module, checkpoint = load_checkpoint(ckpt)
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    # Outside a trainer the module's global_step is 0: the checkpoint's counts.
+    run = dict(seed=data.get("seed"), checkpoint=str(ckpt), train_steps=int(checkpoint.get("global_step", 0)))
+    if isinstance(module, ThresholdSearchModule):
+        policy = module.export_policy(budget, calibration_seed=int(data.get("calibration_seed", CALIBRATION_SEED)),
+                                      calibration_pairs=int(data.get("num_calibration", 512)), **run)
+    else:
+        policy = module.export_policy(budget, mode, **run)
+    policy.save(out)
+    return policy
+
+
+def export_main(args) -> int:
+    policy = export_checkpoint(args.checkpoint, args.budget, args.out, args.mode)
+    print(f"{args.out}: {describe(policy)}")
+    return 0

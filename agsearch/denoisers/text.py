@@ -1,0 +1,114 @@
+"""Denoiser adapters for diffusers text-to-image models, behind ``agsearch.denoisers.Denoiser``.
+
+``UNetTextDenoiser`` wraps a ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x; ε or v
+prediction — the output is the model's own, the scheduler's ``prediction_type`` says which);
+``SD3TextDenoiser`` wraps an ``SD3Transformer2DModel`` (Stable Diffusion 3, rectified-flow
+velocity v = ε − x_0, Esser et al. 2024, arXiv 2403.03206). The condition is a :class:`TextCondition`
+of the prompt and negative-prompt embeddings a pipeline's ``encode_prompt`` returns; the
+unconditional pass uses the negative prompt (the empty prompt when none is given). Only the rows a
+sample needs are evaluated, conditional and unconditional rows batched into one forward, as in
+``agsearch.denoisers.class_conditional.ClassConditionalDenoiser``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TextCondition:
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    negative_prompt_embeds: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor | None = None  # (B, P) SD3's pooled CLIP embeddings
+    negative_pooled: torch.Tensor | None = None  # (B, P)
+
+    def __getitem__(self, index) -> "TextCondition":
+        """Rows ``index`` (a tensor of indices or a mask) of every embedding: the conditions of a
+        sub-batch, e.g. the prompts of the search's pairs."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return TextCondition(pick(self.prompt_embeds), pick(self.negative_prompt_embeds),
+                             pick(self.pooled), pick(self.negative_pooled))
+
+    def __len__(self) -> int:
+        return len(self.prompt_embeds)
+
+    def to(self, device) -> "TextCondition":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TextCondition(move(self.prompt_embeds), move(self.negative_prompt_embeds),
+                             move(self.pooled), move(self.negative_pooled))
+
+    @classmethod
+    def from_pipeline(cls, pipe, prompts: list[str], negative_prompts: list[str] | None = None) -> "TextCondition":
+        """Encode ``prompts`` with the pipeline's own text encoders (SD 1.x/2.x or SD3)."""
+        device = pipe.device
+        with torch.no_grad():
+            if hasattr(pipe, "transformer"):
+                pe, npe, pooled, npooled = pipe.encode_prompt(
+                    prompts, prompts, None, device=device, do_classifier_free_guidance=True,
+                    negative_prompt=negative_prompts, negative_prompt_2=negative_prompts)
+                return cls(pe, npe, pooled, npooled)
+            pe, npe = pipe.encode_prompt(prompts, device, 1, True, negative_prompts)
+            return cls(pe, npe)
+
+
+def _scatter(x: torch.Tensor, out: torch.Tensor, run_cond: torch.Tensor, run_uncond: torch.Tensor):
+    out_c, out_u = torch.zeros_like(x), torch.zeros_like(x)
+    n = int(run_cond.sum())
+    # index_put keeps the graph for the search's backward pass.
+    out_c = out_c.index_put((run_cond.nonzero(as_tuple=True)[0],), out[:n].to(x.dtype))
+    out_u = out_u.index_put((run_uncond.nonzero(as_tuple=True)[0],), out[n:].to(x.dtype))
+    return out_c, out_u
+
+
+class UNetTextDenoiser:
+    """Adapter over a text-conditioned ``UNet2DConditionModel`` (ε or v prediction).
+
+    ``evaluations`` counts per-sample evaluations (NFE summed over the batch).
+    """
+
+    def __init__(self, unet, parameterisation: str = "epsilon"):
+        self.unet = unet
+        self.parameterisation = parameterisation  # "epsilon" or "v_prediction": the scheduler config's prediction_type
+        self.evaluations = 0
+
+    def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
+        x_in = torch.cat([x[run_cond], x[run_uncond]])  # (n_c + n_u, C, H, W)
+        if len(x_in) == 0:
+            return torch.zeros_like(x), torch.zeros_like(x)
+        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
+        self.evaluations += len(x_in)
+        out = self.unet(x_in.to(self.unet.dtype), t, encoder_hidden_states=ctx.to(self.unet.dtype)).sample
+        return _scatter(x, out, run_cond, run_uncond)
+
+
+class SD3TextDenoiser:
+    """Adapter over an ``SD3Transformer2DModel``: the output is the flow velocity v = ε − x_0."""
+
+    parameterisation = "flow"
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.evaluations = 0
+
+    def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
+        x_in = torch.cat([x[run_cond], x[run_uncond]])
+        if len(x_in) == 0:
+            return torch.zeros_like(x), torch.zeros_like(x)
+        dtype = self.transformer.dtype
+        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
+        pooled = torch.cat([cond.pooled[run_cond], cond.negative_pooled[run_uncond]])
+        self.evaluations += len(x_in)
+        out = self.transformer(hidden_states=x_in.to(dtype), timestep=t.expand(len(x_in)),
+                               encoder_hidden_states=ctx.to(dtype), pooled_projections=pooled.to(dtype)).sample
+        return _scatter(x, out, run_cond, run_uncond)
+
+
+def denoiser_for(pipe):
+    """The adapter for a pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
+    if getattr(pipe, "transformer", None) is not None:
+        return SD3TextDenoiser(pipe.transformer)
+    if getattr(pipe, "unet", None) is not None and getattr(pipe.unet.config, "addition_embed_type", None) is None:
+        return UNetTextDenoiser(pipe.unet, pipe.scheduler.config.get("prediction_type", "epsilon"))
+    raise ValueError(f"no denoiser adapter for {type(pipe).__name__} (supported: SD 1.x/2.x UNets, SD3)")

@@ -1,0 +1,185 @@
+"""The built-in shapes text-to-image model: a miniature Stable Diffusion and its exact scorer.
+
+- ``weights/shapes/``: a diffusers ``StableDiffusionPipeline`` folder (``save_pretrained``
+  layout) — a small ``AutoencoderKL`` (32×32 RGB ↔ 8×8×8 latents), a small ``CLIPTextModel``
+  with the real CLIP BPE tokenizer, a ``UNet2DConditionModel`` with cross-attention and a DDIM
+  scheduler config (Euler and DPM-Solver++ take it too) — trained from scratch on the
+  procedural scenes of :mod:`agsearch.models.shapes.scenes` by ``experiments/train_shapes.py``, with
+  the caption dropped to the empty prompt 10% of the time so one network gives both CFG passes;
+- ``weights/shapes_scorer.safetensors``: :class:`ShapesScorer`, a CNN trained on renders only
+  (``experiments/train_shapes_scorer.py``) that reads every grid cell's object back (shape or
+  empty, colour, size); a caption is satisfied when the scene it reads satisfies it.
+
+``load_pipeline()`` loads the pipeline offline; ``--pipeline builtin:shapes`` names it on the
+command line. The model card is ``weights/shapes/README.md``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from agsearch.models.shapes import scenes
+
+WEIGHTS_DIR = Path(str(resources.files("agsearch.models.shapes") / "weights"))
+PIPELINE_DIR = WEIGHTS_DIR / "shapes"
+SCORER_FILE = WEIGHTS_DIR / "shapes_scorer.safetensors"
+BENCHMARK_FILE = WEIGHTS_DIR / "shapes_benchmark.json"  # written by experiments/calibrate_shapes.py
+BUILTIN_PREFIX = "builtin:"
+
+TOKENIZER_MAX_LENGTH = 32  # the longest caption is 14 tokens with BOS/EOS; SD's 77 would only pad
+
+TEXT_CONFIG = dict(
+    vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
+    max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=64,
+)
+LATENT_CHANNELS = 8  # with 4 (SD's), small crosses and squares came back from the decoder as blobs
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=32, layers_per_block=2,
+    block_out_channels=(16, 32, 64), norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+    block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+)
+# Stable Diffusion's β schedule; "trailing" spacing so that few-step samplers start at pure noise.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    timestep_spacing="trailing",
+)
+
+
+def build_components(scaling_factor: float = 1.0):
+    """Freshly initialised (vae, text_encoder, tokenizer, unet, scheduler) of the shapes pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from agsearch.diffusers.clip_tokenizer import clip_tokenizer
+
+    vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=scaling_factor)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    tokenizer = clip_tokenizer(model_max_length=TOKENIZER_MAX_LENGTH)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    return vae, text_encoder, tokenizer, unet, DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def pipeline_path(name: str | Path) -> Path:
+    """A pipeline folder, or a built-in model named ``builtin:NAME`` (only ``builtin:shapes``)."""
+    text = str(name)
+    if text.startswith(BUILTIN_PREFIX):
+        model = text[len(BUILTIN_PREFIX):]
+        if model != "shapes":
+            raise ValueError(f"unknown built-in pipeline {text!r}: expected 'builtin:shapes'")
+        if not (PIPELINE_DIR / "model_index.json").is_file():
+            raise ValueError(f"the shapes pipeline is not in {PIPELINE_DIR}: run experiments/train_shapes.py")
+        return PIPELINE_DIR
+    return Path(name)
+
+
+def load_pipeline(device="cpu", dtype=torch.float32, progress: bool = False):
+    """The built-in shapes ``StableDiffusionPipeline``, loaded offline from the package."""
+    from diffusers import StableDiffusionPipeline
+
+    extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path("builtin:shapes")), local_files_only=True,
+                                                   **extra)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe.to(device)
+
+
+def benchmark_settings() -> dict:
+    """The benchmark protocol's settings for the shapes model (scheduler, steps, best scale).
+
+    Written by ``experiments/calibrate_shapes.py`` after its guidance-scale sweep.
+    """
+    import json
+
+    if BENCHMARK_FILE.is_file():
+        return json.loads(BENCHMARK_FILE.read_text("utf-8"))
+    return {"scheduler": "ddim", "num_inference_steps": 25, "guidance_scale": 5.0}
+
+
+# --- the scorer ------------------------------------------------------------------------------
+
+
+class ShapesScorer(nn.Module):
+    """Reads a 32×32 scene back: per grid cell, its shape or "empty", its colour and its size.
+
+    Input (B, 3, 32, 32) in [-1, 1]. ``features`` (B, 256) is the penultimate layer (Fréchet
+    distance); ``forward`` gives logits (B, 9, 5) shape (index 0 = empty, then ``scenes.SHAPES``),
+    (B, 9, 6) colour and (B, 9, 2) size, cells in row-major order.
+    """
+
+    feature_dim = 256
+    n_cells = scenes.GRID * scenes.GRID
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o, s: [nn.Conv2d(i, o, 3, s, 1), nn.BatchNorm2d(o), nn.SiLU()]
+        self.body = nn.Sequential(*conv(3, 32, 1), *conv(32, 64, 2), *conv(64, 64, 1), *conv(64, 128, 2),
+                                  *conv(128, 128, 1), *conv(128, 128, 2), nn.Flatten(),  # (B, 128, 4, 4)
+                                  nn.Linear(128 * 4 * 4, self.feature_dim), nn.SiLU())
+        self.shape_head = nn.Linear(self.feature_dim, self.n_cells * (len(scenes.SHAPES) + 1))
+        self.colour_head = nn.Linear(self.feature_dim, self.n_cells * len(scenes.COLOURS))
+        self.size_head = nn.Linear(self.feature_dim, self.n_cells * len(scenes.SIZES))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def heads(self, feats: torch.Tensor):
+        b = len(feats)
+        return (self.shape_head(feats).view(b, self.n_cells, -1), self.colour_head(feats).view(b, self.n_cells, -1),
+                self.size_head(feats).view(b, self.n_cells, -1))
+
+    def forward(self, images: torch.Tensor):
+        return self.heads(self.features(images))
+
+    @staticmethod
+    def decode(shape_logits, colour_logits, size_logits) -> list[tuple[scenes.Obj, ...]]:
+        """The scenes the logits say: one object per cell whose shape is not "empty"."""
+        shape, colour, size = shape_logits.argmax(-1), colour_logits.argmax(-1), size_logits.argmax(-1)
+        out = []
+        for b in range(len(shape)):
+            objs = []
+            for k in range(shape.shape[1]):
+                if shape[b, k] > 0:
+                    objs.append(scenes.Obj(scenes.SHAPES[shape[b, k] - 1], scenes.COLOUR_NAMES[colour[b, k]],
+                                           scenes.SIZES[size[b, k]], divmod(k, scenes.GRID)))
+            out.append(tuple(objs))
+        return out
+
+    @torch.no_grad()
+    def read(self, images: torch.Tensor) -> list[tuple[scenes.Obj, ...]]:
+        return self.decode(*self(images))
+
+
+def scene_targets(scene_list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-cell targets (B, 9) of scenes: shape index (0 empty), colour and size (−100 where empty)."""
+    n = scenes.GRID * scenes.GRID
+    shape = torch.zeros(len(scene_list), n, dtype=torch.long)
+    colour = torch.full((len(scene_list), n), -100, dtype=torch.long)
+    size = torch.full((len(scene_list), n), -100, dtype=torch.long)
+    for b, scene in enumerate(scene_list):
+        for obj in scene:
+            k = obj.cell[0] * scenes.GRID + obj.cell[1]
+            shape[b, k] = scenes.SHAPES.index(obj.shape) + 1
+            colour[b, k] = scenes.COLOUR_NAMES.index(obj.colour)
+            size[b, k] = scenes.SIZES.index(obj.size)
+    return shape, colour, size
+
+
+def load_scorer(path: str | Path = SCORER_FILE) -> ShapesScorer:
+    from safetensors.torch import load_file
+
+    model = ShapesScorer()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False)

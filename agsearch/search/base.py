@@ -1,0 +1,91 @@
+"""What the gate search and the threshold search share: the run's settings, input checks, the
+errors, and the Lightning hooks for timing, checkpoints and the frozen model's device."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+
+DISTANCES = ("mse", "l1")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The search loss became NaN or infinite; the run stops at that step."""
+
+
+def resolve_run(model: str, pipeline: str | None, prompts: str | None, scheduler: str | None,
+                num_inference_steps: int | None, guidance_scale: float | None) -> tuple[str, str, int, float]:
+    """(model, scheduler, T, w) of a run: a pipeline folder selects ``model=pipeline``; unset
+    settings take the model's benchmark (or pipeline) defaults."""
+    if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
+        model = "pipeline"
+    settings = model_settings(model, pipeline, prompts)
+    return (model, scheduler or settings["scheduler"], num_inference_steps or settings["num_inference_steps"],
+            float(guidance_scale if guidance_scale is not None else settings["guidance_scale"]))
+
+
+def is_adaptive(space) -> bool:
+    """Whether a space (a name, file or mapping) is an adaptive one (per-step thresholds, not gates)."""
+    from agsearch.search.space import SearchSpace
+
+    if isinstance(space, dict):
+        return space.get("kind") == "adaptive"
+    return SearchSpace.load(space).kind == "adaptive"
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def model_settings(model: str, pipeline: str | None = None, prompts: str | None = None) -> dict:
+    if model != "pipeline" and prompts is not None:
+        raise ValueError(f"model.prompts={prompts} needs model.pipeline=DIR (the text-to-image pipeline they prompt)")
+    if model == "digits":
+        from agsearch.models.digits import benchmark_settings
+
+        return benchmark_settings()
+    if model == "pipeline":
+        from agsearch.search.backends import pipeline_settings
+
+        if pipeline is None:
+            raise ValueError("model.model=pipeline needs model.pipeline=DIR (a local diffusers pipeline folder)")
+        return pipeline_settings(pipeline, prompts)
+    from agsearch.search.backends import MODELS
+
+    raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+
+
+class SearchBase(pl.LightningModule):
+    """The hooks both searches share. A subclass sets ``space``, ``backend``, ``search_seconds``
+    (0.0) and ``_fit_started`` (None) in its ``__init__``."""
+
+    def temperature(self) -> float:
+        total = 0
+        if self._trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
+            if total <= 0:
+                total = int(self.trainer.estimated_stepping_batches)
+        progress = self.global_step / max(1, total - 1) if total else 1.0
+        return self.space.temperature.at(progress)
+
+    def _on_device(self):
+        if self.backend.unet.device != self.device:
+            self.backend.to(self.device)
+
+    def on_fit_start(self):
+        self._on_device()
+        self._fit_started = time.perf_counter()
+
+    def on_fit_end(self):
+        if self._fit_started is not None:
+            self.search_seconds += time.perf_counter() - self._fit_started
+            self._fit_started = None
+
+    def on_save_checkpoint(self, checkpoint):
+        elapsed = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        checkpoint["agsearch"] = {"search_seconds": self.search_seconds + elapsed}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.search_seconds = float(checkpoint.get("agsearch", {}).get("search_seconds", 0.0))

@@ -325,3 +325,12 @@ def test_linear_ag_from_a_policy_makes_its_cond_steps_affine(tmp_path, capsys):
     assert p.ops_string() == "CAC" + "A" * 22 and p.nfe == base.nfe and p.steps[2] == {"op": "cfg", "scale": 1.3}
     code, _, err = run_cli(capsys, "baseline", "cutoff", "--fraction", 0.2, "--from", tmp_path / "base.json", "--out", tmp_path / "q.json")
     assert code == 2 and "--from is an option of linear-ag" in err
+
+
+def test_the_shipped_coefficients_load_and_make_the_linear_ag_baseline(tmp_path):
+    from agsearch.linear_ag import FORMAT, load_builtin
+
+    document = load_builtin()
+    assert document["format"] == FORMAT == "agsearch.affine"  # the file format's name is a contract
+    assert main(["baseline", "linear-ag", "--out", str(tmp_path / "la.json")]) == 0
+    assert Policy.load(tmp_path / "la.json").nfe == 32

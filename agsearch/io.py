@@ -7,13 +7,23 @@ import tempfile
 from pathlib import Path
 
 
-def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> str:
-    """The UTF-8 text of ``path``; an unreadable or non-UTF-8 file raises ``error`` with one line
-    naming the file and ``what`` it should have been (e.g. "prompt file")."""
+MAX_TEXT_BYTES = 64 * 2**20  # policy, prompt, caption and coefficient files are far smaller
+
+
+def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError,
+                   max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path``, read up to ``max_bytes`` (a longer file or an endless one such
+    as ``/dev/zero`` is refused, not read to the end); an unreadable, oversized or non-UTF-8 file
+    raises ``error`` with one line naming the file and ``what`` it should have been (e.g. "prompt file")."""
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: {what} is larger than the limit of {max_bytes // 2**20} MiB") from None
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise error(f"{path}: not a UTF-8 text file") from None
 

@@ -34,11 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from agsearch.guidance.ops import OP_NFE
-from agsearch.io import atomic_write_text
+from agsearch.io import atomic_write_text, read_text_file
 
 FORMAT = "agsearch.policy"
 VERSION = 1
 RULES = ("ag_cosine",)
+# Limits (also in the schema): more steps than a diffusion model's training timesteps, or scales at
+# which CFG's output is no longer a prediction, are refused before any work.
+MAX_STEPS = 1000
+MAX_SCALE = 100.0
+MAX_POLICY_BYTES = 16 * 2**20
 
 
 class PolicyError(ValueError):
@@ -107,6 +112,10 @@ def validate(document: Any) -> None:
             message = "give either 'threshold' (one for every step) or 'thresholds' (one per step), not both or neither"
         raise PolicyError(message, _pointer(error.absolute_path))
     # What the schema cannot say.
+    T = document["num_inference_steps"]
+    if isinstance(T, float):  # JSON Schema's "integer" admits 25.0
+        raise PolicyError(f"{_short(T)} is invalid: expected an integer step count (no decimal point)",
+                          "/num_inference_steps")
     steps = document.get("steps")
     if steps is not None and len(steps) != document["num_inference_steps"]:
         raise PolicyError(
@@ -241,19 +250,20 @@ class Policy:
             raise PolicyError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", source=source) from None
         except RecursionError:
             raise PolicyError("invalid JSON: nested too deeply", source=source) from None
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            reason = "a number has more than 4300 digits" if "digits" in str(e) else str(e).split(";")[0]
+            raise PolicyError(f"invalid JSON: {reason}", source=source) from None
         return cls.from_dict(document, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Policy":
         """Read and validate a policy file."""
         path = Path(path)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except OSError as e:
-            raise PolicyError(f"cannot read policy file: {e.strerror or e}", source=str(path)) from None
-        except UnicodeDecodeError:
-            raise PolicyError("not a UTF-8 text file", source=str(path)) from None
-        return cls.loads(text, str(path))
+
+        def unreadable(message):  # read_text_file's message starts with the path: PolicyError adds it
+            return PolicyError(message.removeprefix(f"{path}: "), source=str(path))
+
+        return cls.loads(read_text_file(path, "policy file", unreadable, MAX_POLICY_BYTES), str(path))
 
     # -- serialisation --------------------------------------------------------------------------
     def _document(self) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agsearch.cli.common import UserError
 from agsearch.io import atomic_write_text
-from agsearch.policy import PolicyError
+from agsearch.policy import MAX_SCALE, MAX_STEPS, PolicyError
 
 MODELS = ("digits", "shapes")
 
@@ -49,6 +49,61 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+MAX_SAMPLES = 100_000  # per evaluation: the noise, samples and reference are held in memory
+MAX_IMAGE_SIDE = 4096
+
+
+def _int_up_to(limit: int, what: str):
+    """An argparse type: an integer in [1, limit], the limit named in the message."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"{text} is more {what} than the limit of {limit:,}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+def _image_side(text: str) -> int:
+    value = _int_up_to(MAX_IMAGE_SIDE, "pixels")(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 (the VAE's downsampling), got {text}")
+    return value
+
+
+def _scale(text: str) -> float:
+    value = _nonneg_float(text)
+    if value > MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"expected a guidance scale <= {MAX_SCALE:g}, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device that exists here: cpu, cuda[:i] with a GPU, mps where available."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here (use --device cpu)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda, cuda:N or mps")
+    return text
+
+
+_steps = _int_up_to(MAX_STEPS, "steps")
+_samples = _int_up_to(MAX_SAMPLES, "samples")
 
 
 def _settings(model: str = "digits") -> dict:
@@ -302,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a training-free baseline policy file. --steps and --scale "
                                    "default to the built-in model's benchmark settings.")
     p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag | linear-ag | affine-cutoff")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps T")
-    p.add_argument("--scale", type=_nonneg_float, help="guidance scale w")
+    p.add_argument("--steps", type=_steps, help="sampling steps T")
+    p.add_argument("--scale", type=_scale, help="guidance scale w")
     p.add_argument("--fraction", type=_finite_float, help="cutoff, affine-cutoff: CFG for the first round(F*T) steps; "
                    "linear-ag: CFG/affine alternate over the first round(F*T) steps (default 0.5)")
     p.add_argument("--start", type=_finite_float, help="interval: CFG where i/T is in [start, stop)")
@@ -329,15 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", metavar="SET|FILE",
                    help="shapes: 'heldout' (default: captions with combinations never in training), 'train', "
                         "or a file of captions, one per line, used in order")
-    p.add_argument("--samples", type=_positive_int, default=1000,
+    p.add_argument("--samples", type=_samples, default=1000,
                    help="samples per policy (digits: balanced classes; shapes: categories in turn)")
     p.add_argument("--seed", type=int, default=1,
                    help="noise seed: sample i uses seed*10^6+i (search seeds use 0, so 1+ are held out)")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: benchmark's)")
+    p.add_argument("--steps", type=_steps, help="sampling steps (default: benchmark's)")
     p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
     p.add_argument("--scheduler", choices=("ddim", "euler", "dpm++"), default="ddim")
-    p.add_argument("--batch-size", type=_positive_int, default=1000)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=_samples, default=1000)
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--json", type=Path, help="write the records as JSON here")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -348,10 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and AG at several thresholds; write benchmark.md/.json and PNG fronts.")
     p.add_argument("--model", default="digits", help="built-in model (digits)")
     p.add_argument("--out-dir", type=Path, default=Path("results"))
-    p.add_argument("--samples", type=_positive_int, default=1000)
+    p.add_argument("--samples", type=_samples, default=1000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--batch-size", type=_positive_int, default=1000)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=_samples, default=1000)
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--quick", action="store_true", help="a few policies only (smoke test)")
     p.add_argument("--policy", action="append", type=Path, default=[],
                    help="also evaluate this policy file (repeatable; e.g. searched policies)")
@@ -369,13 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per-step ridge coefficients predicting the unconditional prediction from eps_c(t), "
                                    "eps_c(t-1), eps_u(t-1), x_t and a bias, and report the held-out R² per step.")
     p.add_argument("--model", default="digits", help="built-in model (digits)")
-    p.add_argument("--pairs", type=_positive_int, default=200, help="teacher trajectories to fit on")
-    p.add_argument("--heldout", type=_positive_int, default=100, help="trajectories for the held-out R²")
+    p.add_argument("--pairs", type=_samples, default=200, help="teacher trajectories to fit on")
+    p.add_argument("--heldout", type=_samples, default=100, help="trajectories for the held-out R²")
     p.add_argument("--seed", type=int, default=0, help="noise seed S of the fit pairs (the search's: 0; 1 is the evaluation's)")
     p.add_argument("--heldout-seed", type=int, default=3, help="noise seed of the held-out pairs (search validation: 3)")
     p.add_argument("--ridge", type=_nonneg_float, default=1e-4, help="ridge λ relative to the mean diagonal of XᵀX")
     p.add_argument("--per-channel", action="store_true", help="one coefficient per channel instead of scalars")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--out", type=Path, required=True, help="coefficients JSON to write")
     p.add_argument("--policy", type=Path, help="also write the linear-ag baseline policy with these coefficients")
     p.add_argument("--report", type=Path, help="also write the per-step R² table as markdown")
@@ -397,11 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run one search per space and budget, then evaluate them beside full CFG, "
                                    "cond, the cutoff, the best of all guidance intervals and AG at the same NFE. "
                                    "Arguments after '--' go to every search (e.g. -- --trainer.max_steps=96).")
-    p.add_argument("--budgets", type=_positive_int, nargs="+", default=[30, 35, 40, 45], help="NFE budgets")
+    p.add_argument("--budgets", type=_int_up_to(2 * MAX_STEPS, "NFE"), nargs="+", default=[30, 35, 40, 45], help="NFE budgets")
     p.add_argument("--spaces", nargs="+", default=["minimal"], help="search spaces (names or YAML files)")
-    p.add_argument("--samples", type=_positive_int, default=1000, help="held-out samples per policy")
+    p.add_argument("--samples", type=_samples, default=1000, help="held-out samples per policy")
     p.add_argument("--seed", type=int, default=1, help="held-out noise seed")
-    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--batch-size", type=_samples, default=1000)
     p.add_argument("--out-dir", type=Path, default=Path("results/search"))
     p.add_argument("--no-ag", action="store_true", help="skip matching the AG rule to each budget")
     p.add_argument("--no-progress", action="store_true")
@@ -418,12 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", type=Path, help="prompts: one per line, or JSONL with prompt/negative_prompt")
     p.add_argument("--negative-prompt", help="negative prompt (used on CFG steps only)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the policy's)")
-    p.add_argument("--scale", type=_finite_float, help="guidance scale (default: the policy's)")
+    p.add_argument("--steps", type=_steps, help="sampling steps (default: the policy's)")
+    p.add_argument("--scale", type=_scale, help="guidance scale (default: the policy's)")
     p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
-    p.add_argument("--height", type=_positive_int, help="image height (default: the pipeline's)")
-    p.add_argument("--width", type=_positive_int, help="image width (default: the pipeline's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--height", type=_image_side, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=_image_side, help="image width (default: the pipeline's)")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--no-reference", action="store_true", help="skip the full-CFG reference call")
     p.add_argument("--clip-weights", type=Path, help="open-clip weights file: also report CLIP scores")

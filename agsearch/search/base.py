@@ -21,7 +21,9 @@ def resolve_run(model: str, pipeline: str | None, prompts: str | None, scheduler
     if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
         model = "pipeline"
     settings = model_settings(model, pipeline, prompts)
-    return (model, scheduler or settings["scheduler"], num_inference_steps or settings["num_inference_steps"],
+    # ``is None``, not ``or``: an explicit 0 is refused by the module's checks, not replaced by the default.
+    return (model, scheduler or settings["scheduler"],
+            settings["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
             float(guidance_scale if guidance_scale is not None else settings["guidance_scale"]))
 
 
@@ -58,8 +60,18 @@ def model_settings(model: str, pipeline: str | None = None, prompts: str | None 
 
 
 class SearchBase(pl.LightningModule):
-    """The hooks both searches share. A subclass sets ``space``, ``backend``, ``search_seconds``
-    (0.0) and ``_fit_started`` (None) in its ``__init__``."""
+    """What both searches share: the wall-time accounting kept in checkpoints, the temperature
+    schedule and the frozen model's device. A subclass sets ``space`` and ``backend`` and keeps
+    ``guidance_scale`` in its hyperparameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.search_seconds = 0.0
+        self._fit_started: float | None = None
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.hparams.guidance_scale)
 
     def temperature(self) -> float:
         total = 0

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from agsearch.guidance.controllers import StepPlan
 from agsearch.guidance.sampler import Resume, sample
-from agsearch.policy import Policy
+from agsearch.policy import MAX_SCALE, MAX_STEPS, Policy
 from agsearch.search.backends import CheckpointedDenoiser, load_backend
 from agsearch.search.base import (
     DISTANCES,
@@ -243,9 +243,10 @@ class PolicySearchModule(SearchBase):
             )
             self.space = SearchSpace(self.space.name, self.space.ops, relaxation or self.space.relaxation,
                                      temperature, self.space.source)
-        check(num_inference_steps >= 1, f"Expected model.num_inference_steps >= 1, but got {num_inference_steps}")
-        check(math.isfinite(guidance_scale) and guidance_scale >= 0,
-               f"Expected model.guidance_scale to be a finite number >= 0, but got {guidance_scale}")
+        check(isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= MAX_STEPS,
+              f"Expected model.num_inference_steps to be an integer in [1, {MAX_STEPS}], but got {num_inference_steps}")
+        check(math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_SCALE,
+              f"Expected model.guidance_scale to be a number in [0, {MAX_SCALE:g}], but got {guidance_scale}")
         self.candidates = self.space.candidates(guidance_scale)
         self.costs = self.space.costs(self.candidates)
         T = num_inference_steps
@@ -282,17 +283,11 @@ class PolicySearchModule(SearchBase):
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
         self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.search_seconds = 0.0
-        self._fit_started: float | None = None
 
     # -- gates ------------------------------------------------------------------------------------
     @property
     def num_inference_steps(self) -> int:
         return self.gate_logits.shape[0]
-
-    @property
-    def guidance_scale(self) -> float:
-        return float(self.hparams.guidance_scale)
 
     def _op_probabilities(self) -> torch.Tensor:
         """(T, K), differentiable: ``gumbel_st`` samples ops from softmax(α); ``softmax`` mixes

@@ -44,7 +44,7 @@ import torch
 
 from agsearch.guidance.ops import stops
 from agsearch.guidance.sampler import Resume, sample
-from agsearch.policy import Policy
+from agsearch.policy import MAX_SCALE, MAX_STEPS, Policy
 from agsearch.search.backends import load_backend
 from agsearch.search.base import (
     DISTANCES,
@@ -260,9 +260,10 @@ class ThresholdSearchModule(SearchBase):
             temperature = Temperature(t.start if temperature_start is None else temperature_start,
                                       t.end if temperature_end is None else temperature_end, t.schedule)
             self.space = dataclasses.replace(self.space, temperature=temperature)
-        check(isinstance(T, int) and T >= 2, f"Expected model.num_inference_steps >= 2 for an adaptive rule, but got {T}")
-        check(math.isfinite(guidance_scale) and guidance_scale >= 0,
-               f"Expected model.guidance_scale to be a finite number >= 0, but got {guidance_scale}")
+        check(isinstance(T, int) and 2 <= T <= MAX_STEPS,
+              f"Expected model.num_inference_steps in [2, {MAX_STEPS}] for an adaptive rule, but got {T}")
+        check(math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_SCALE,
+              f"Expected model.guidance_scale to be a number in [0, {MAX_SCALE:g}], but got {guidance_scale}")
         check(isinstance(budget, int) and T + 1 <= budget <= 2 * T,
                f"Expected model.budget to be an integer between {T + 1} and {2 * T} NFE for {T} steps "
                f"(an adaptive rule always guides step 0), but got {budget}")
@@ -290,18 +291,12 @@ class ThresholdSearchModule(SearchBase):
         self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
         self._tables: dict[int, Outcomes] = {}  # per noise seed, rows of (1, T)
         self._calibration: dict[tuple[int, int], torch.Tensor] = {}
-        self.search_seconds = 0.0
-        self._fit_started: float | None = None
         self.last_guided = torch.ones(T, dtype=torch.float64)  # share of the batch still guided per step
 
     # -- the rule -----------------------------------------------------------------------------------
     @property
     def num_inference_steps(self) -> int:
         return self.thresholds_u.shape[0]
-
-    @property
-    def guidance_scale(self) -> float:
-        return float(self.hparams.guidance_scale)
 
     @property
     def rule_space(self) -> str:

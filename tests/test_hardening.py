@@ -107,3 +107,65 @@ def test_generate_options_out_of_range(tmp_path, capsys, extra, needle):
 def test_search_refuses_zero_steps_instead_of_running_the_default(tmp_path, capsys):
     refused(capsys, ["search", "--model.num_inference_steps=0", f"--trainer.default_root_dir={tmp_path}"],
             "model.num_inference_steps", "but got 0", tmp_path=tmp_path)
+
+
+# -- nothing left behind ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--eval.samples=1"], "eval.samples"),
+    (["--eval.batch_size=0"], "eval.batch_size"),
+    (["--model.budget=1000"], "model.budget"),
+])
+def test_a_refused_search_leaves_no_run_directory(tmp_path, capsys, extra, needle):
+    refused(capsys, ["search", f"--trainer.default_root_dir={tmp_path}", *extra], needle, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("--model.beta=-1", "beta > 0"), ("--model.lam=-1", "lam"), ("--model.null_ratio=1.5", "null_ratio"),
+    ("--data.batch_size=1", "data.batch_size"), ("--eval.samples=1", "eval.samples"),
+])
+def test_a_refused_cca_run_leaves_no_output_directory(tmp_path, capsys, option, needle):
+    refused(capsys, ["cca", option, f"--out={tmp_path / 'cca'}"], needle, tmp_path=tmp_path)
+
+
+def test_a_pickle_as_checkpoint_is_refused_before_the_run_directory_is_touched(tmp_path, capsys):
+    import pickle
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    ckpt.write_bytes(pickle.dumps(Payload()))
+    refused(capsys, ["search", f"--ckpt_path={ckpt}"], "not a readable search checkpoint", tmp_path=tmp_path)
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "last.ckpt"]  # no config.yaml, no wandb/
+    refused(capsys, ["export", str(ckpt), "--out", str(tmp_path / "p.json")], "not a readable search checkpoint")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "p.json").exists()
+
+
+def test_exporting_gates_of_another_shape_is_refused(tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": {"gate_logits": torch.zeros(3, 2)},
+                "hyper_parameters": {"space": "minimal", "num_inference_steps": 5, "budget": 7}}, ckpt)
+    refused(capsys, ["export", str(ckpt), "--out", str(tmp_path / "p.json")], "does not fit its settings")
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_pipeline_folder_with_broken_unet_weights_is_refused_by_search(tmp_path, capsys, damage):
+    from agsearch.testing import tiny_sd
+
+    tiny_sd().save_pretrained(tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a red cube\n")
+    weights = tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+    capsys.readouterr()  # save_pretrained's progress bar
+    refused(capsys, ["search", f"--model.pipeline={tmp_path / 'sd'}", f"--model.prompts={tmp_path / 'prompts.txt'}",
+                     f"--trainer.default_root_dir={tmp_path / 'runs'}"], "unet", tmp_path=tmp_path)

@@ -61,12 +61,12 @@ def _cli_class():
             self.check_eval(config)
             if not config.eval.scales or any(s <= 0 for s in config.eval.scales):
                 raise UserError(f"Expected eval.scales to be positive guidance scales, but got {config.eval.scales}")
-            out.mkdir(parents=True, exist_ok=True)
-            self.run_dir = out
+            self.run_dir = out  # made only once the module and data were built: bad input leaves no directory
 
         def instantiate_trainer(self, **kwargs):
             from pytorch_lightning.callbacks import ModelCheckpoint
 
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             trainer_config, extra = self.trainer_config(kwargs, logger_name=f"cca-{self.run_dir.name}")
             trainer_config["enable_checkpointing"] = True
             extra.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1,
@@ -106,10 +106,15 @@ def run_cca(argv: list[str]) -> tuple[Path, list[dict], float]:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     print(f"agsearch cca: output directory {cli.run_dir}", file=sys.stderr)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=cli.datamodule)
+    try:
+        trainer.fit(module, datamodule=cli.datamodule)
+    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C ends in sys.exit(1)
+        if not trainer.interrupted:
+            raise
+        raise KeyboardInterrupt(f"the run directory {cli.run_dir} keeps the last epoch's checkpoint, if any") from None
     seconds = time.perf_counter() - start
     if trainer.interrupted:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"the run directory {cli.run_dir} keeps the last epoch's checkpoint, if any")
     tuned = module.model.eval()
     save_model(tuned, cli.run_dir / "digits_ar_cca.safetensors")
     rows: list[dict] = []
@@ -138,6 +143,9 @@ def cca_main(argv: list[str]) -> int:
     except UserError as e:
         print(f"agsearch cca: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"agsearch cca: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     from agsearch.cca import format_rows
 
     print(f"fine-tuned in {seconds:.0f} s; wrote {out / 'digits_ar_cca.safetensors'}, {out / 'results.json'}")

@@ -63,6 +63,9 @@ def _cli_class():
 
         def before_instantiate_classes(self) -> None:
             config = self.config
+            self.check_eval(config)  # before anything is built or written
+            if config.out and Path(config.out).is_dir():
+                raise UserError(f"--out {config.out} is a directory; give a file name")
             self.run_dir = _run_dir(config)
             import os
 
@@ -105,6 +108,7 @@ def _run_dir(config) -> Path:
         ckpt = Path(config.ckpt_path)
         if not ckpt.is_file():
             raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        read_checkpoint(ckpt, "--ckpt_path ")  # a pickle or a foreign file is refused before the run directory is touched
         if ckpt.parent.name == "checkpoints":
             return ckpt.parent.parent
     root = Path(config.trainer.get("default_root_dir") or DEFAULT_ROOT)
@@ -120,7 +124,7 @@ def _run_dir(config) -> Path:
 
 def build_cli(argv: list[str]):
     """Parse ``argv`` and instantiate model, data and trainer (raises :class:`UserError`)."""
-    return build_command_cli(_cli_class(), argv)
+    return build_command_cli(_cli_class(), argv, errors=(OSError,))  # e.g. a pipeline folder with unreadable weights
 
 
 def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]:
@@ -131,7 +135,6 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
     out = Path(config.out) if config.out else cli.run_dir / "policy.json"
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name")
-    cli.check_eval(config)
     if trainer.is_global_zero:
         print(f"agsearch search: run directory {cli.run_dir}", file=sys.stderr)
     from agsearch.search.base import NonFiniteLossError
@@ -142,10 +145,14 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         last = cli.run_dir / "checkpoints" / "last.ckpt"
         where = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written before it"
         raise NonFiniteLossError(f"{e}; {where}") from None
+    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C ends in sys.exit(1)
+        if not trainer.interrupted:
+            raise
+        raise KeyboardInterrupt(_after_interrupt(cli.run_dir, resumed=bool(config.ckpt_path))) from None
     if not trainer.is_global_zero:
         return None, None, []
     if trainer.interrupted:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(_after_interrupt(cli.run_dir, resumed=bool(config.ckpt_path)))
 
     data = cli.datamodule.hparams
     from agsearch.search.thresholds import ThresholdSearchModule
@@ -226,6 +233,9 @@ def search_main(argv: list[str]) -> int:
     except NonFiniteLossError as e:
         print(f"agsearch search: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(f"agsearch search: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     if policy is None:
         return 0
     print(f"policy: {path}")
@@ -240,24 +250,46 @@ def search_main(argv: list[str]) -> int:
     return 0
 
 
+def _after_interrupt(run_dir: Path, resumed: bool) -> str:
+    """What an interrupted run leaves: its last epoch's checkpoint, to resume from; else, for a
+    new run, nothing (its directory held only the config and the logger's files)."""
+    import shutil
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return f"resume with --ckpt_path {last}"
+    if not resumed and run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return f"no epoch had ended: removed {run_dir}"
+    return "no checkpoint was written"
+
+
 # -- export -----------------------------------------------------------------------------------------
+def read_checkpoint(path: Path, what: str = "") -> dict:
+    """A search checkpoint's dict, loaded with ``weights_only=True`` (no pickle runs); a file that is
+    not one is a :class:`UserError` naming it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what}{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise UserError(f"{what}{path} is a directory, not a checkpoint file") from None
+    except Exception as e:  # unpickling refused, truncated or not a checkpoint
+        raise UserError(f"{what}{path} is not a readable search checkpoint "
+                        f"({type(e).__name__}: {one_line(str(e))[:160]})") from None
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    if "gate_logits" not in state and "thresholds_u" not in state:
+        raise UserError(f"{what}{path} is not an agsearch search checkpoint (no gate_logits or thresholds_u in its state_dict)")
+    return checkpoint
+
+
 def load_checkpoint(path: str | Path):
     """(``PolicySearchModule`` with the gates of a search checkpoint, the checkpoint dict);
     no pickle: weights_only."""
     from agsearch.search.gates import PolicySearchModule
 
     path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no such checkpoint file: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory, not a checkpoint file") from None
-    except Exception as e:  # unpickling refused, truncated or not a checkpoint
-        raise UserError(f"{path} is not a readable search checkpoint ({type(e).__name__}: {one_line(str(e))[:160]})") from None
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    if "gate_logits" not in state and "thresholds_u" not in state:
-        raise UserError(f"{path} is not an agsearch search checkpoint (no gate_logits or thresholds_u in its state_dict)")
+    checkpoint = read_checkpoint(path)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     import inspect
 
@@ -266,7 +298,10 @@ def load_checkpoint(path: str | Path):
     if "space_spec" in hparams:
         kwargs["space"] = hparams["space_spec"]
     module = PolicySearchModule(**kwargs)
-    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:  # gates of another shape than its own settings give
+        raise UserError(f"{path}: its state does not fit its settings ({one_line(str(e))[:200]})") from None
     module.on_load_checkpoint(checkpoint)
     return module, checkpoint
 

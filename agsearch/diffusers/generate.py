@@ -91,7 +91,7 @@ def quiet_loading():
     libraries = (diffusers_logging, transformers_logging)
     saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
     for lib in libraries:
-        lib.set_verbosity_error()
+        lib.set_verbosity(50)  # CRITICAL: a file that fails to load is the exception raised, not a log line too
         lib.disable_progress_bar()
     try:
         yield

@@ -6,7 +6,6 @@ import os
 import tempfile
 from pathlib import Path
 
-
 MAX_TEXT_BYTES = 64 * 2**20  # policy, prompt, caption and coefficient files are far smaller
 
 

@@ -43,14 +43,14 @@ TRAINER_DEFAULTS = trainer_defaults(max_steps=24,  # 3 epochs of 256 pairs at ba
 
 def _cli_class():
     from agsearch.search.data import GuidancePairs
-    from agsearch.search.gates import PolicySearchModule
+    from agsearch.search.modules import search_module
 
     class SearchCLI(command_cli()):
         eval_samples = 100
         out_help = "policy JSON to write (default: <run dir>/policy.json)"
 
         def __init__(self, args):
-            super().__init__(PolicySearchModule, GuidancePairs, args, prog="agsearch search",
+            super().__init__(search_module, GuidancePairs, args, prog="agsearch search",
                              description="Differentiable search of a per-step guidance policy.",
                              trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False)
 
@@ -75,11 +75,8 @@ def _cli_class():
             from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
             from agsearch.search.callbacks import (
-                GateMonitor,
-                ThresholdMonitor,
                 progress_bar,
             )
-            from agsearch.search.thresholds import ThresholdSearchModule
 
             # Made only now that the model and data were built: bad input leaves no directory.
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +85,7 @@ def _cli_class():
             given = [c for item in given for c in (item if isinstance(item, list) else [item])]
             if trainer_config["enable_progress_bar"] and not any(isinstance(c, ProgressBar) for c in given):
                 extra.append(progress_bar())
-            adaptive = isinstance(self.model, ThresholdSearchModule)
-            self.gate_monitor = (ThresholdMonitor if adaptive else GateMonitor)(self.run_dir)
+            self.gate_monitor = self.model.monitor(self.run_dir)
             extra += [self.gate_monitor,
                       ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1,
                                       every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)]
@@ -155,22 +151,10 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
         raise KeyboardInterrupt(_after_interrupt(cli.run_dir, resumed=bool(config.ckpt_path)))
 
     data = cli.datamodule.hparams
-    from agsearch.search.thresholds import ThresholdSearchModule
-
     run = dict(seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
                processes=int(trainer.world_size), run_dir=str(cli.run_dir),
                checkpoint=str(cli.run_dir / "checkpoints" / "last.ckpt"))
-    if isinstance(module, ThresholdSearchModule):
-        policy = module.export_policy(calibration_seed=int(data.calibration_seed),
-                                      calibration_pairs=int(data.num_calibration), **run)
-    else:
-        picks, polish = module.discrete_indices(), None
-        if module.hparams.polish_rounds and data.num_val:
-            from agsearch.search.data import PairDataset
-
-            batch = PairDataset(data.val_seed, data.num_val, module.backend.num_conditions).batch(module.device)
-            picks, polish = module.polish_starts(batch, picks, module.hparams.polish_rounds)
-        policy = module.export_policy(picks=picks, polish=polish, **run)
+    policy = module.end_of_run_policy(data, **run)
     metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     policy.metrics["search"] = metrics
     records: list[dict] = []
@@ -284,20 +268,20 @@ def read_checkpoint(path: Path, what: str = "") -> dict:
 
 
 def load_checkpoint(path: str | Path):
-    """(``PolicySearchModule`` with the gates of a search checkpoint, the checkpoint dict);
+    """(the search module — gates or thresholds — of a search checkpoint, the checkpoint dict);
     no pickle: weights_only."""
-    from agsearch.search.gates import PolicySearchModule
+    from agsearch.search.modules import GATE_PARAMETERS, search_module
 
     path = Path(path)
     checkpoint = read_checkpoint(path)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
-    import inspect
-
-    names = set(inspect.signature(PolicySearchModule.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in hparams.items() if k in names}
+    kwargs = {k: v for k, v in hparams.items() if k in GATE_PARAMETERS}
     if "space_spec" in hparams:
         kwargs["space"] = hparams["space_spec"]
-    module = PolicySearchModule(**kwargs)
+    try:
+        module = search_module(**kwargs)
+    except ValueError as e:  # settings this version refuses
+        raise UserError(f"{path}: {one_line(str(e))}") from None
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as e:  # gates of another shape than its own settings give
@@ -309,18 +293,11 @@ def load_checkpoint(path: str | Path):
 def export_checkpoint(ckpt: str | Path, budget: int | None, out: str | Path, mode: str = "exact") -> Policy:
     """Discretise a checkpoint's gates at ``budget`` (a bad budget is a ValueError from
     ``discretize``, naming the valid range) and save the policy."""
-    from agsearch.search.thresholds import ThresholdSearchModule
-    from agsearch.seeds import CALIBRATION_SEED
-
     module, checkpoint = load_checkpoint(ckpt)
     data = checkpoint.get("datamodule_hyper_parameters", {})
     # Outside a trainer the module's global_step is 0: the checkpoint's counts.
     run = dict(seed=data.get("seed"), checkpoint=str(ckpt), train_steps=int(checkpoint.get("global_step", 0)))
-    if isinstance(module, ThresholdSearchModule):
-        policy = module.export_policy(budget, calibration_seed=int(data.get("calibration_seed", CALIBRATION_SEED)),
-                                      calibration_pairs=int(data.get("num_calibration", 512)), **run)
-    else:
-        policy = module.export_policy(budget, mode, **run)
+    policy = module.exported_policy(budget, mode, data, **run)
     policy.save(out)
     return policy
 

@@ -73,6 +73,20 @@ class SearchBase(pl.LightningModule):
     def guidance_scale(self) -> float:
         return float(self.hparams.guidance_scale)
 
+    # -- what the command line asks of a search --------------------------------------------------------
+    def monitor(self, run_dir):
+        """The callback that records this search's history into ``run_dir`` (gates or thresholds)."""
+        raise NotImplementedError
+
+    def end_of_run_policy(self, data, **provenance):
+        """The policy a finished run exports; ``data`` holds the data module's settings (seeds, pair
+        counts), ``provenance`` what the policy file records of the run."""
+        raise NotImplementedError
+
+    def exported_policy(self, budget: int | None, mode: str, data, **provenance):
+        """The policy of a checkpoint at another ``budget`` (``agsearch export``)."""
+        raise NotImplementedError
+
     def temperature(self) -> float:
         total = 0
         if self._trainer is not None:

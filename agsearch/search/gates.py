@@ -23,15 +23,13 @@ weight p is CFG at scale 1 + p (w − 1), which no discrete policy can reproduce
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 from agsearch.guidance.controllers import StepPlan
-from agsearch.guidance.sampler import Resume, sample
+from agsearch.guidance.sampler import sample
 from agsearch.policy import MAX_SCALE, MAX_STEPS, Policy
 from agsearch.search.backends import CheckpointedDenoiser, load_backend
 from agsearch.search.base import (
@@ -43,6 +41,7 @@ from agsearch.search.base import (
     resolve_run,
 )
 from agsearch.search.discretize import MODES, discretize
+from agsearch.search.polish import TrajectoryEvaluator, polish
 from agsearch.search.space import SearchSpace, Temperature
 
 STRAIGHT_THROUGH = ("all", "sampled")
@@ -180,8 +179,8 @@ class PolicySearchModule(SearchBase):
             (``{op: affine, train: true}``); they start from the space's fit.
 
     An adaptive space (``kind: adaptive``, e.g. ``adaptive_cosine``) searches per-step thresholds
-    of a per-sample rule instead of gates: constructing this class with one gives a
-    :class:`agsearch.search.thresholds.ThresholdSearchModule`.
+    of a per-sample rule instead of gates (:class:`agsearch.search.thresholds.ThresholdSearchModule`);
+    :func:`agsearch.search.modules.search_module` takes these arguments and builds either.
     """
 
 
@@ -212,20 +211,11 @@ class PolicySearchModule(SearchBase):
         polish_from: str = "leader",
         affine_lr: float = 1e-3,
     ):
-        if type(self) is PolicySearchModule and is_adaptive(space):
-            # One entry point for the CLI (whose arguments are this signature): an adaptive space
-            # turns this object into the threshold search, initialised with the same arguments.
-            from agsearch.search.thresholds import ThresholdSearchModule
+        if is_adaptive(space):
+            from agsearch.search.space import SpaceError
 
-            self.__class__ = ThresholdSearchModule
-            gate_options = {name: value for name, value in locals().items() if name in _GATE_ONLY}
-            _refuse_gate_options(space, gate_options)
-            ThresholdSearchModule.__init__(
-                self, space=space, budget=budget, model=model, pipeline=pipeline, prompts=prompts, scheduler=scheduler,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, lr=lr, dual_lr=dual_lr,
-                distance=distance, temperature_start=temperature_start, temperature_end=temperature_end, init=init,
-                **gate_options)
-            return
+            raise SpaceError(f"{space!r} is an adaptive space (thresholds, not gates): build its search with "
+                             "agsearch.search.modules.search_module, as agsearch search does")
         super().__init__()
         model, scheduler, num_inference_steps, guidance_scale = resolve_run(
             model, pipeline, prompts, scheduler, num_inference_steps, guidance_scale)
@@ -328,109 +318,29 @@ class PolicySearchModule(SearchBase):
 
     @torch.no_grad()
     def polish(self, batch: dict, picks: list[int], rounds: int) -> tuple[list[int], dict]:
-        """Coordinate-descent refinement of a discretised policy with exact trajectories on ``batch``.
-
-        Gate gradients are first-order: they can be wrong where the sampler is far from linear —
-        e.g. the first DDIM steps with ``clip_sample``, where x̂₀ saturates at ±1 and the gradient
-        says nothing about what dropping guidance there costs — and the discretisation of
-        several candidate scales can overshoot. Each round visits every step and tries (a) every
-        other op of the same NFE cost (another scale; ``cond`` ↔ ``uncond``) and (b) the teacher's
-        op, paid for at the step whose gates are least sure of their dearer op; the best move that
-        lowers the exact distance on ``batch`` is kept at once. The NFE never changes. Returns the
-        picks and a record of the moves.
-        """
-        record = {"rounds": 0, "moves": [], "evaluations": 0}
+        """:func:`agsearch.search.polish.polish` of ``picks`` with exact trajectories on ``batch``
+        (its pairs' teacher is the target): ``rounds`` rounds of single-step moves at the same NFE.
+        Returns the picks and a record of the moves."""
         if rounds <= 0:
-            return picks, record
+            return picks, {"rounds": 0, "moves": [], "evaluations": 0}
         self._on_device()
         k_teacher = self.candidates.index({"op": "cfg"}) if {"op": "cfg"} in self.candidates else None
         logp = self.gate_logits.detach().float().log_softmax(dim=1).cpu()
-        labels = self.space.labels(self.candidates)
         B = len(batch["seed"])
-
-        # A move changes the policy from some step on: its trajectory shares the current policy's
-        # prefix, so it resumes from the current trajectory paused before that step (spaces with
-        # ``affine`` ops, which need the past estimates, always run in full).
         noise = self.backend.noise(batch["seed"], self.device)
-        cond = self.backend.condition(batch["label"])
-        target, _ = self.teacher(batch["seed"], noise, cond)
-        reuse = all(c["op"] != "affine" for c in self.candidates)
-        current_states: dict[int, Resume] = {}
+        target, _ = self.teacher(batch["seed"], noise, self.backend.condition(batch["label"]))
 
-        def run(ps: list[list[int]], start: int = 0) -> list[tuple[float, dict[int, Resume]]]:
-            """Each policy of ``ps`` (all resumed before step ``start`` and run as one batch): its
-            distance and its trajectory paused before every step it ran."""
-            record["evaluations"] += len(ps)
-            M = len(ps)
-            weights = torch.cat([self._hard_weights(p, B) for p in ps])
+        def run(weights, M: int, resume, callback):
             controller = GateController(self.candidates, weights, self.guidance_scale, False, self.affine_coef)
-            paused: dict[int, Resume] = {}
+            return sample(self.backend.denoiser, self.backend.scheduler, None, noise.repeat(M, *([1] * (noise.dim() - 1))),
+                          self.backend.condition(batch["label"].repeat(M)), controller=controller, callback=callback,
+                          resume=resume).samples
 
-            def pause(stats):
-                paused[stats.i] = Resume(stats.i, stats.x, copy.deepcopy(stats.scheduler))
-
-            resume = current_states.get(start) if reuse and start > 0 else None
-            out = sample(self.backend.denoiser, self.backend.scheduler, None,
-                         noise.repeat(M, *([1] * (noise.dim() - 1))), self.backend.condition(batch["label"].repeat(M)),
-                         controller=controller, callback=pause,
-                         resume=None if resume is None else resume.repeat(M))
-            return [(self._distance(out.samples[j * B:(j + 1) * B], target).item(),
-                     paused if M == 1 else {i: r.part(j, M) for i, r in paused.items()}) for j in range(M)]
-
-        def first_change(p: list[int]) -> int:
-            return next((i for i, (a, b) in enumerate(zip(p, picks)) if a != b), 0)
-
-        def distances(ps: list[list[int]]) -> list[tuple[float, dict[int, Resume]]]:
-            """Each policy's distance and paused trajectory; those that change the current one
-            from the same step on resume from there together, in one batch."""
-            out: dict[int, tuple[float, dict[int, Resume]]] = {}
-            starts: dict[int, list[int]] = {}
-            for j, p in enumerate(ps):
-                starts.setdefault(first_change(p), []).append(j)
-            for start, members in starts.items():
-                for j, found in zip(members, run([ps[j] for j in members], start)):
-                    out[j] = found
-            return [out[j] for j in range(len(ps))]
-
-        def moves(p: list[int], t: int):
-            for j in range(len(self.costs)):
-                if j != p[t] and self.costs[j] == self.costs[p[t]]:
-                    yield [*p[:t], j, *p[t + 1:]]
-            if k_teacher is not None and p[t] != k_teacher and self.costs[k_teacher] > self.costs[p[t]]:
-                extra = self.costs[k_teacher] - self.costs[p[t]]
-                options = [(logp[s, p[s]] - logp[s, j], s, j) for s in range(len(p)) if s != t
-                           for j in range(len(self.costs)) if self.costs[j] == self.costs[p[s]] - extra]
-                if options:
-                    _, s, j = min(options)
-                    moved = list(p)
-                    moved[t], moved[s] = k_teacher, j
-                    yield moved
-
-        started = time.perf_counter()
-        [(current, current_states)] = run([picks])
-        record["distance_before"] = current
-        for _ in range(rounds):
-            improved = False
-            for t in range(len(picks)):
-                candidates = list(moves(picks, t))
-                if not candidates:
-                    continue
-                scores = distances(candidates)
-                j = min(range(len(candidates)), key=lambda j: scores[j][0])
-                moved, (d, states) = candidates[j], scores[j]
-                if d >= current:
-                    continue
-                first = first_change(moved)
-                changed = [f"{s}:{labels[picks[s]]}->{labels[moved[s]]}" for s in range(len(picks)) if moved[s] != picks[s]]
-                picks, current, improved = moved, d, True
-                current_states = {**{i: v for i, v in current_states.items() if i < first}, **states}
-                record["moves"].append(f"{', '.join(changed)} (distance {current:.6g})")
-            record["rounds"] += 1
-            if not improved:
-                break
-        record["distance_after"] = current
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        return picks, record
+        # Spaces with ``affine`` ops (which need the past estimates) always run candidates in full.
+        evaluator = TrajectoryEvaluator(run, lambda p: self._hard_weights(p, B), target, self._distance, B,
+                                        reuse=all(c["op"] != "affine" for c in self.candidates))
+        return polish(picks, self.costs, logp, k_teacher, self.space.labels(self.candidates), rounds, evaluator,
+                      evaluator.accept)
 
     def cutoff_picks(self, budget: int | None = None) -> list[int] | None:
         """The cutoff at ``budget`` (CFG at the run's scale for the first budget − T steps, then
@@ -467,6 +377,24 @@ class PolicySearchModule(SearchBase):
         record = {**record, "start": start,
                   "distance_after_by_start": {name: r["distance_after"] for name, (_, r) in found.items()}}
         return kept, record
+
+    def monitor(self, run_dir):
+        from agsearch.search.callbacks import GateMonitor
+
+        return GateMonitor(run_dir)
+
+    def end_of_run_policy(self, data, **provenance) -> Policy:
+        """The discretised gates, polished on the validation pairs where ``polish_rounds`` asks."""
+        picks, polish = self.discrete_indices(), None
+        if self.hparams.polish_rounds and data["num_val"]:
+            from agsearch.search.data import PairDataset
+
+            batch = PairDataset(data["val_seed"], data["num_val"], self.backend.num_conditions).batch(self.device)
+            picks, polish = self.polish_starts(batch, picks, self.hparams.polish_rounds)
+        return self.export_policy(picks=picks, polish=polish, **provenance)
+
+    def exported_policy(self, budget: int | None, mode: str, data, **provenance) -> Policy:
+        return self.export_policy(budget, mode, **provenance)
 
     def export_policy(self, budget: int | None = None, mode: str | None = None, picks: list[int] | None = None,
                       **provenance) -> Policy:
@@ -656,27 +584,3 @@ def _affine_coefficients(entry: dict, T: int, guidance_scale: float) -> torch.Te
     document = load_builtin() if source == "builtin" else load_coefficients(source)
     check_matches(document, T, guidance_scale, "builtin" if source == "builtin" else source)
     return torch.tensor([[c[name] for name in REGRESSORS] for c in document["coefficients"]], dtype=torch.float32)
-
-
-_GATE_ONLY = ("trajectory_weight", "entropy_weight", "relaxation", "straight_through", "checkpointing",
-              "discretization", "optimizer", "polish_rounds", "polish_from", "affine_lr")
-
-
-def gate_defaults() -> dict:
-    """The defaults of the options only gate spaces use (an adaptive space must leave them so)."""
-    import inspect
-
-    parameters = inspect.signature(PolicySearchModule.__init__).parameters
-    return {name: parameters[name].default for name in _GATE_ONLY}
-
-
-def _refuse_gate_options(space, options: dict) -> None:
-    """An adaptive space has thresholds, not gates: the gate-only options must keep their defaults."""
-    from agsearch.search.space import SearchSpace, SpaceError
-
-    space = SearchSpace.load(space)
-    defaults = gate_defaults()
-    for name, value in options.items():
-        if value != defaults[name] and not (name == "relaxation" and value == space.relaxation):
-            raise SpaceError(f"model.{name}={value!r} does not apply to the adaptive space {space.name!r} "
-                             f"(it has thresholds, not gates); leave it at {defaults[name]!r}")

@@ -245,8 +245,7 @@ class ThresholdSearchModule(SearchBase):
     def __init__(self, space: str | dict = "adaptive_cosine", budget: int = 40, model: str = "digits",
                  pipeline: str | None = None, prompts: str | None = None, scheduler: str | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, lr: float = 0.1, dual_lr: float = 2.0, distance: str = "mse",
-                 temperature_start: float | None = None, temperature_end: float | None = None, init: str = "budget",
-                 **gate_options):
+                 temperature_start: float | None = None, temperature_end: float | None = None, init: str = "budget"):
         super().__init__()
         from agsearch.search.space import SearchSpace, SpaceError, Temperature
 
@@ -416,6 +415,21 @@ class ThresholdSearchModule(SearchBase):
         return torch.optim.Adam([p for p in (self.thresholds_u, self.stop_shift) if p is not None], lr=self.hparams.lr)
 
     # -- export -----------------------------------------------------------------------------------------
+    def monitor(self, run_dir):
+        from agsearch.search.callbacks import ThresholdMonitor
+
+        return ThresholdMonitor(run_dir)
+
+    def end_of_run_policy(self, data, **provenance) -> Policy:
+        return self.export_policy(calibration_seed=int(data["calibration_seed"]),
+                                  calibration_pairs=int(data["num_calibration"]), **provenance)
+
+    def exported_policy(self, budget: int | None, mode: str, data, **provenance) -> Policy:
+        from agsearch.seeds import CALIBRATION_SEED
+
+        return self.export_policy(budget, calibration_seed=int(data.get("calibration_seed", CALIBRATION_SEED)),
+                                  calibration_pairs=int(data.get("num_calibration", 512)), **provenance)
+
     def export_policy(self, budget: int | None = None, calibration_seed: int = 2, calibration_pairs: int = 512,
                       **provenance) -> Policy:
         """The hard rule with every u(θ_t) shifted by one offset so that its mean NFE on the

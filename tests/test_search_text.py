@@ -173,3 +173,31 @@ def test_adaptive_thresholds_search_on_a_pipeline(files, tmp_path, capsys):
     assert policy.kind == "adaptive" and len(policy.rule["thresholds"]) == T
     assert policy.provenance["pipeline"]["folder"] == str((files / "sd").resolve())
     assert "AG γ̄=" in stdout and "θ_t =" in stdout
+
+
+def test_a_pipeline_search_reports_clip_scores_with_clip_weights(files, tmp_path, capsys):
+    pytest.importorskip("open_clip")
+    from agsearch.testing import TINY_CLIP_NAME, tiny_clip_weights
+
+    weights = tiny_clip_weights(tmp_path / "clip")
+    out = tmp_path / "policy.json"
+    code, stdout, err = run(capsys, *tiny_search(tmp_path, files / "sd", files / "prompts.txt", f"--out={out}",
+                                                 f"--eval.clip_weights={weights}", f"--eval.clip_model={TINY_CLIP_NAME}"))
+    assert code == 0, err
+    assert "CLIP score" in stdout and "CLIP FD" in stdout
+    metrics = Policy.load(out).metrics["eval"]
+    assert 0 <= metrics["clip_score"] <= 100 and metrics["clip_fd"] >= 0
+
+
+def test_clip_weights_that_are_not_safetensors_are_refused_before_the_search(files, tmp_path, capsys):
+    import pickle
+
+    bad = tmp_path / "clip.bin"
+    bad.write_bytes(pickle.dumps({"state_dict": {}}))
+    code, _, err = run(capsys, *tiny_search(tmp_path, files / "sd", files / "prompts.txt",
+                                            f"--eval.clip_weights={bad}"))
+    assert code == 2 and "not a safetensors file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    code, _, err = run(capsys, *tiny_search(tmp_path, files / "sd", files / "prompts.txt",
+                                            f"--eval.clip_weights={bad}", "--eval.clip_model=hf-hub:x/y"))
+    assert code == 2 and "nothing is downloaded" in err

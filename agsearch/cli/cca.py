@@ -26,6 +26,7 @@ from agsearch.cli.common import (
     UserError,
     build_command_cli,
     command_cli,
+    run_command,
     trainer_defaults,
 )
 
@@ -136,16 +137,10 @@ def run_cca(argv: list[str]) -> tuple[Path, list[dict], float]:
 
 
 def cca_main(argv: list[str]) -> int:
-    try:
-        out, rows, seconds = run_cca(argv)
-    except SystemExit as e:  # --help / --print_config
-        return int(e.code or 0)
-    except UserError as e:
-        print(f"agsearch cca: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"agsearch cca: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
+    code, result = run_command("agsearch cca", run_cca, argv)
+    if code is not None:
+        return code
+    out, rows, seconds = result
     from agsearch.cca import format_rows
 
     print(f"fine-tuned in {seconds:.0f} s; wrote {out / 'digits_ar_cca.safetensors'}, {out / 'results.json'}")

@@ -23,6 +23,25 @@ def one_line(message: str) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
+def run_command(prog: str, command, *args, failures: tuple[type[Exception], ...] = ()):
+    """(exit code, result) of ``command(*args)``: (None, result) when it ran; 0 or its code for
+    ``--help``-style exits; 2 with one line for a :class:`UserError`; 130 when interrupted (the
+    interrupt's message says what was kept); 1 with one line for one of ``failures``."""
+    try:
+        return None, command(*args)
+    except SystemExit as e:  # --help / --print_config
+        return int(e.code or 0), None
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130, None
+    except failures as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1, None
+
+
 # -- quiet libraries ------------------------------------------------------------------------------------
 class _QuietLightning(logging.Filter):
     """Drop Lightning's chatter that says nothing about this run (seed banner, product tips)."""

@@ -314,8 +314,10 @@ def cmd_generate(args) -> int:
     if args.scale is not None:  # the scale of full CFG and of cfg steps without their own
         policy = Policy.from_dict({**policy.to_dict(), "guidance_scale": args.scale}, str(args.policy))
     policy.for_steps(args.steps or policy.num_inference_steps, args.resample)  # before loading the model
-    if args.clip_weights is not None and not args.clip_weights.is_file():
-        raise UserError(f"--clip-weights {args.clip_weights} does not exist")
+    if args.clip_weights is not None:
+        from agsearch.eval.clip import check_clip_files
+
+        check_clip_files(args.clip_model, args.clip_weights)  # a ValueError: one line, exit 2
     pipeline_class(args.pipeline)
     pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
     result = generate(pipe, policy, prompts, seed=args.seed, steps=args.steps, resample=args.resample,

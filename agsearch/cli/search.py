@@ -32,6 +32,7 @@ from agsearch.cli.common import (
     build_command_cli,
     command_cli,
     one_line,
+    run_command,
     trainer_defaults,
 )
 from agsearch.policy import Policy
@@ -60,10 +61,24 @@ def _cli_class():
                                 help="resume from this checkpoint (continues its run directory)")
             parser.add_argument("--eval.baselines", type=bool, default=True,
                                 help="also evaluate the cutoff and every guidance interval at the same NFE")
+            parser.add_argument("--eval.clip_weights", type=Optional[str], default=None,
+                                help="a pipeline search: open-clip weights (local safetensors) for CLIP scores "
+                                     "and CLIP-space FD in the final comparison")
+            parser.add_argument("--eval.clip_model", type=str, default="ViT-B-32",
+                                help="the open-clip architecture of --eval.clip_weights")
 
         def before_instantiate_classes(self) -> None:
             config = self.config
             self.check_eval(config)  # before anything is built or written
+            if config.eval.clip_weights is not None:
+                if not config.model.pipeline:
+                    raise UserError("eval.clip_weights applies to a pipeline folder's search (model.pipeline=DIR)")
+                from agsearch.eval.clip import check_clip_files
+
+                try:
+                    check_clip_files(config.eval.clip_model, config.eval.clip_weights)
+                except ValueError as e:
+                    raise UserError(f"eval.clip_weights: {e}") from None
             if config.out and Path(config.out).is_dir():
                 raise UserError(f"--out {config.out} is a directory; give a file name")
             self.run_dir = _run_dir(config)
@@ -160,7 +175,8 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
     records: list[dict] = []
     if config.eval.samples:
         records = evaluate_against_baselines(module, policy, config.eval.samples, config.eval.seed,
-                                             config.eval.batch_size, config.eval.baselines, config.progress)
+                                             config.eval.batch_size, config.eval.baselines, config.progress,
+                                             config.eval.clip_weights, config.eval.clip_model)
         searched = next(r for r in records if r["role"] == "searched")
         policy.metrics["eval"] = eval_metrics(searched, config.eval.seed)
     path = policy.save(out)
@@ -187,19 +203,29 @@ def describe(policy: Policy) -> str:
 
 def eval_metrics(record: dict, seed: int) -> dict:
     """The held-out metrics a policy file keeps, from an evaluation record."""
-    keys = ("nfe", "accuracy", "mse", "psnr", "fd", "samples")  # a pipeline's records: no accuracy, PSNR, FD
+    keys = ("nfe", "accuracy", "mse", "psnr", "fd", "clip_score", "clip_fd", "samples")  # a pipeline's records: no accuracy, PSNR, FD
     return {**{k: record[k] for k in keys if k in record}, "seed": seed}
 
 
 def evaluate_against_baselines(module, policy: Policy, samples: int, seed: int, batch_size: int,
-                               baselines: bool, progress: bool) -> list[dict]:
+                               baselines: bool, progress: bool, clip_weights: str | None = None,
+                               clip_model: str = "ViT-B-32") -> list[dict]:
     """Held-out records of full CFG, the searched policy and its baselines
     (:func:`agsearch.search.compare.compare_with_baselines`) on the search model's evaluator: the
     digits evaluator (accuracy, FD; every guidance interval too) or, for a pipeline folder, latent
-    MSE on held-out (noise, prompt) pairs (the cutoff only)."""
+    MSE on held-out (noise, prompt) pairs (the cutoff only), with CLIP scores and CLIP-space FD to
+    full CFG where ``clip_weights`` are given."""
     from agsearch.search.compare import compare_with_baselines
 
-    evaluator = module.backend.evaluator(samples, seed, batch_size, str(module.device), progress)
+    clip = None
+    if clip_weights is not None:
+        from agsearch.eval.clip import ClipScorer
+
+        try:
+            clip = ClipScorer.load(clip_model, clip_weights, device=str(module.device))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    evaluator = module.backend.evaluator(samples, seed, batch_size, str(module.device), progress, clip)
     return compare_with_baselines(evaluator, module, policy, baselines, intervals=module.hparams.model == "digits")
 
 
@@ -207,19 +233,10 @@ def search_main(argv: list[str]) -> int:
     from agsearch.eval.records import format_table
     from agsearch.search.base import NonFiniteLossError
 
-    try:
-        policy, path, records = run_search(argv)
-    except SystemExit as e:  # --help / --print_config
-        return int(e.code or 0)
-    except UserError as e:
-        print(f"agsearch search: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"agsearch search: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print(f"agsearch search: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
+    code, result = run_command("agsearch search", run_search, argv, failures=(NonFiniteLossError,))
+    if code is not None:
+        return code
+    policy, path, records = result
     if policy is None:
         return 0
     print(f"policy: {path}")

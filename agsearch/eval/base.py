@@ -104,7 +104,8 @@ class PipelineEvaluator(Evaluator):
     """Latent MSE to full CFG on a search backend's held-out pairs (``seed`` S: noise seed S·10⁶ + i,
     condition i mod N), e.g. a text-to-image pipeline folder and its prompt file."""
 
-    def __init__(self, backend, samples: int, seed: int, batch_size: int = 1000, device="cpu", progress: bool = False):
+    def __init__(self, backend, samples: int, seed: int, batch_size: int = 1000, device="cpu", progress: bool = False,
+                 clip=None):
         from agsearch.search.data import PairDataset
 
         check_size(samples, batch_size, minimum=1)
@@ -114,6 +115,7 @@ class PipelineEvaluator(Evaluator):
         self.noise, self.labels = backend.noise(pairs["seed"], self.device), pairs["label"]
         self.denoiser, self.scheduler = backend.denoiser, backend.scheduler
         self.batch_size, self.progress = batch_size, progress
+        self.clip = clip  # a ClipScorer: CLIP score against the prompts, CLIP-space FD to full CFG
 
     def condition(self, rows):
         return self.backend.condition(self.labels[rows])
@@ -121,5 +123,17 @@ class PipelineEvaluator(Evaluator):
     def record(self, policy: Policy) -> dict:
         out, images, seconds, reference = self.sample_and_compare(policy)
         mse = float((images - reference).float().pow(2).flatten(1).mean(1).mean())
-        return {"name": policy.label(), "nfe": float(out.nfe.mean()), "mse": mse, "seconds": seconds,
-                "samples": len(images)}
+        record = {"name": policy.label(), "nfe": float(out.nfe.mean()), "mse": mse, "seconds": seconds,
+                  "samples": len(images)}
+        if self.clip is not None:
+            with torch.no_grad():
+                pictures = self._decoded(images)
+                record["clip_score"] = float(self.clip.score(pictures, self.backend.prompt_texts(self.labels)).mean())
+                if len(images) >= 2:
+                    full = self._decoded(reference)
+                    record["clip_fd"] = self.clip.frechet_distance(full, pictures)
+        return record
+
+    def _decoded(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.backend.decode(latents[i:i + self.batch_size])
+                          for i in range(0, len(latents), self.batch_size)])

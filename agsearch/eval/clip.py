@@ -43,6 +43,25 @@ class ClipImageFeatures(torch.nn.Module):
         return self.model.encode_image((x - self.mean) / self.std)
 
 
+def check_clip_files(model_name: str, weights: str | Path) -> Path:
+    """Refuse, before any work, CLIP weights that are not a local safetensors file (a pickle is
+    never unpickled) and model names that would make open-clip fetch something (``hf-hub:...``)."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ValueError(f"CLIP weights file {weights} does not exist")
+    if ":" in model_name:  # hf-hub:..., local-dir:...
+        raise ValueError(f"CLIP model {model_name!r}: give an open-clip architecture name (e.g. ViT-B-32) "
+                         "and the weights as a local safetensors file; nothing is downloaded")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt"):
+            pass
+    except Exception:  # a pickle, a truncated file, another format
+        raise ValueError(f"CLIP weights file {weights} is not a safetensors file") from None
+    return weights
+
+
 class ClipScorer:
     """CLIP score and CLIP-space Fréchet distance with one open-clip model."""
 
@@ -56,10 +75,11 @@ class ClipScorer:
         """An open-clip model ``model_name`` (e.g. ``ViT-B-32``) with weights from a local file."""
         import open_clip
 
-        weights = Path(weights)
-        if not weights.is_file():
-            raise ValueError(f"CLIP weights file {weights} does not exist")
-        model = open_clip.create_model(model_name, pretrained=str(weights), device=device)
+        weights = check_clip_files(model_name, weights)
+        try:
+            model = open_clip.create_model(model_name, pretrained=str(weights), device=device)
+        except RuntimeError as e:  # an unknown architecture, or weights of another one
+            raise ValueError(f"CLIP weights {weights} do not load into {model_name!r}: {str(e).splitlines()[0][:200]}") from None
         return cls(model, open_clip.get_tokenizer(model_name))
 
     @torch.no_grad()

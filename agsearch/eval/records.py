@@ -62,12 +62,13 @@ def format_table(records: list[EvalRecord | dict], markdown: bool = True) -> str
     pct = lambda r, k: f"{100 * r[k]:.1f}" if r.get(k) is not None else "-"  # noqa: E731
     cats = [c for c in CATEGORIES if any(f"adherence_{c}" in r for r in rows)]
     header = (["policy", "NFE", "accuracy %", "adherence %"] + [f"{c} %" for c in cats]
-              + ["MSE vs CFG", "PSNR dB", "FD", "seconds"])
+              + ["MSE vs CFG", "PSNR dB", "FD", "CLIP score", "CLIP FD", "seconds"])
     body = [[
         r["name"], f"{r['nfe']:.2f}", pct(r, "accuracy"), pct(r, "adherence"),
         *[pct(r, f"adherence_{c}") for c in cats], "-" if r.get("mse") is None else f"{r['mse']:.5f}",
         "-" if "psnr" not in r or r.get("mse") is None else "inf" if r["psnr"] is None else f"{r['psnr']:.1f}",
-        f"{r['fd']:.3f}" if "fd" in r else "-", f"{r['seconds']:.2f}",
+        f"{r['fd']:.3f}" if "fd" in r else "-", f"{r['clip_score']:.2f}" if "clip_score" in r else "-",
+        f"{r['clip_fd']:.3f}" if "clip_fd" in r else "-", f"{r['seconds']:.2f}",
     ] for r in rows]
     keep = [j for j in range(len(header)) if any(row[j] != "-" for row in body)]
     header, body = [header[j] for j in keep], [[row[j] for j in keep] for row in body]

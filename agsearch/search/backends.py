@@ -55,8 +55,10 @@ class DigitsBackend:
         self.unet = (unet if unet is not None else load_unet()).requires_grad_(False).eval()
         self.denoiser = ClassConditionalDenoiser(self.unet, NULL_CLASS)
 
-    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool):
+    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool, clip=None):
         """The digits evaluator (accuracy, FD) on this backend's UNet and scheduler."""
+        if clip is not None:
+            raise ValueError("eval.clip_weights applies to a pipeline folder's search, not the digits model")
         from agsearch.eval.digits import DigitsEvaluator
 
         return DigitsEvaluator(samples=samples, seed=seed, scheduler=self.scheduler_name, batch_size=batch_size,
@@ -141,6 +143,7 @@ class TextPipelineBackend:
                              "runs its own scheduler; leave model.scheduler unset")
         pipe = load_pipeline(pipeline)  # fp32 on the CPU; Lightning moves it and autocasts
         self.scheduler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, dict(pipe.scheduler.config))
+        self.pipe = pipe  # its VAE decodes latents for CLIP scores
         self.cond = TextCondition.from_pipeline(pipe, [p.prompt for p in self.prompts],
                                                 [p.negative_prompt or "" for p in self.prompts])
         self.denoiser = denoiser_for(pipe)
@@ -150,14 +153,27 @@ class TextPipelineBackend:
         self.latent_shape = (self.unet.config.in_channels, side, side)
         self.num_conditions = len(self.prompts)
 
-    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool):
-        """Latent MSE to full CFG on held-out (noise, prompt) pairs of this pipeline and prompts."""
+    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool, clip=None):
+        """Latent MSE to full CFG on held-out (noise, prompt) pairs of this pipeline and prompts;
+        with a :class:`~agsearch.eval.clip.ClipScorer`, CLIP scores and CLIP-space FD too."""
         from agsearch.eval.base import PipelineEvaluator
 
-        return PipelineEvaluator(self, samples, seed, batch_size, device, progress)
+        return PipelineEvaluator(self, samples, seed, batch_size, device, progress, clip)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images (B, 3, H, W) in [0, 1], as the pipeline decodes them."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None) is not None:  # SD3
+            latents = latents + vae.config.shift_factor
+        return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def prompt_texts(self, labels: torch.Tensor) -> list[str]:
+        return [self.prompts[int(i)].prompt for i in labels]
 
     def to(self, device) -> "TextPipelineBackend":
         self.unet.to(device)
+        self.pipe.vae.to(device)
         self.cond = self.cond.to(device)
         return self
 

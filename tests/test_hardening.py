@@ -169,3 +169,12 @@ def test_a_pipeline_folder_with_broken_unet_weights_is_refused_by_search(tmp_pat
     capsys.readouterr()  # save_pretrained's progress bar
     refused(capsys, ["search", f"--model.pipeline={tmp_path / 'sd'}", f"--model.prompts={tmp_path / 'prompts.txt'}",
                      f"--trainer.default_root_dir={tmp_path / 'runs'}"], "unet", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["eval", "baseline"])
+def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, capsys, command):
+    (tmp_path / "file.txt").write_text("x")
+    policy = write_policy(tmp_path, json.dumps(POLICY))
+    argv = (["eval", "--policy", policy, "--json", str(tmp_path / "file.txt" / "out.json")] if command == "eval"
+            else ["baseline", "cfg", "--out", str(tmp_path / "file.txt" / "p.json")])
+    refused(capsys, argv, "is a file, not a folder", tmp_path=tmp_path)

@@ -123,8 +123,15 @@ def _check_model(name: str) -> None:
 
 
 def _check_out(path: Path) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, or one under
+    an existing file (its parent folders are made at write time)."""
     if path.is_dir():
         raise UserError(f"output path {path} is a directory; give a file name")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"output path {path}: {parent} is a file, not a folder")
+            break
 
 
 # -- subcommands ------------------------------------------------------------------------------------

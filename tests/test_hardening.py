@@ -178,3 +178,40 @@ def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, capsys
     argv = (["eval", "--policy", policy, "--json", str(tmp_path / "file.txt" / "out.json")] if command == "eval"
             else ["baseline", "cfg", "--out", str(tmp_path / "file.txt" / "p.json")])
     refused(capsys, argv, "is a file, not a folder", tmp_path=tmp_path)
+
+
+# -- resume equals one run ------------------------------------------------------------------------------------
+def _stopped_at_step_2(tmp_path, capsys, monkeypatch, *argv):
+    """A search (``argv``) that fails at step 2: its checkpoint of the end of epoch 0 (step 2)."""
+    from agsearch.search.gates import PolicySearchModule
+
+    real = PolicySearchModule._distance
+    monkeypatch.setattr(PolicySearchModule, "_distance",
+                        lambda self, a, b: real(self, a, b) * (float("nan") if self.training and self.global_step >= 2 else 1))
+    assert main([*argv, f"--trainer.default_root_dir={tmp_path / 'broken'}"]) == 1
+    monkeypatch.setattr(PolicySearchModule, "_distance", real)
+    capsys.readouterr()
+    (run,) = (tmp_path / "broken").iterdir()
+    return run / "checkpoints" / "last.ckpt"
+
+
+TINY_DEFAULT_SPACE = ["search", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8",
+                      "--data.batch_size=4", "--data.num_val=4", "--trainer.max_steps=4", "--progress=false",
+                      "--wandb.mode=disabled", "--eval.samples=0"]  # the default space, cfg_scales
+
+
+def test_resuming_the_default_space_gives_the_policy_of_one_run(tmp_path, capsys, monkeypatch):
+    ckpt = _stopped_at_step_2(tmp_path, capsys, monkeypatch, *TINY_DEFAULT_SPACE)
+    assert main([*TINY_DEFAULT_SPACE, f"--ckpt_path={ckpt}", f"--out={tmp_path / 'resumed.json'}"]) == 0
+    assert main([*TINY_DEFAULT_SPACE, f"--trainer.default_root_dir={tmp_path / 'whole'}",
+                 f"--out={tmp_path / 'whole.json'}"]) == 0
+    resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "whole"))
+    assert resumed["steps"] == whole["steps"] and resumed["metrics"]["search"] == whole["metrics"]["search"]
+
+
+def test_resuming_with_another_length_is_refused(tmp_path, capsys, monkeypatch):
+    ckpt = _stopped_at_step_2(tmp_path, capsys, monkeypatch, *TINY_DEFAULT_SPACE)
+    before = sorted(p.name for p in ckpt.parent.parent.rglob("*"))
+    refused(capsys, [*TINY_DEFAULT_SPACE, f"--ckpt_path={ckpt}", "--trainer.max_steps=6"],
+            "spans 4 steps", "--trainer.max_steps=4")
+    assert sorted(p.name for p in ckpt.parent.parent.rglob("*")) == before

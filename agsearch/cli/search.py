@@ -119,7 +119,12 @@ def _run_dir(config) -> Path:
         ckpt = Path(config.ckpt_path)
         if not ckpt.is_file():
             raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file")
-        read_checkpoint(ckpt, "--ckpt_path ")  # a pickle or a foreign file is refused before the run directory is touched
+        checkpoint = read_checkpoint(ckpt, "--ckpt_path ")  # a pickle or a foreign file is refused before anything is written
+        scheduled = checkpoint.get("agsearch", {}).get("schedule_steps")
+        max_steps = config.trainer.get("max_steps")
+        if scheduled and max_steps and max_steps > 0 and max_steps != scheduled:
+            raise UserError(f"--ckpt_path {ckpt}: its run's temperature schedule spans {scheduled} steps; resume it with "
+                            f"--trainer.max_steps={scheduled} (another length would not give the policy of one run)")
         if ckpt.parent.name == "checkpoints":
             return ckpt.parent.parent
     root = Path(config.trainer.get("default_root_dir") or DEFAULT_ROOT)
@@ -151,7 +156,7 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
     from agsearch.search.base import NonFiniteLossError
 
     try:
-        trainer.fit(module, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+        trainer.fit(module, datamodule=cli.datamodule, ckpt_path=config.ckpt_path, weights_only=True)
     except NonFiniteLossError as e:
         last = cli.run_dir / "checkpoints" / "last.ckpt"
         where = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written before it"

@@ -87,12 +87,18 @@ class SearchBase(pl.LightningModule):
         """The policy of a checkpoint at another ``budget`` (``agsearch export``)."""
         raise NotImplementedError
 
+    def schedule_steps(self) -> int:
+        """The run's length in optimiser steps, over which the temperature goes from start to end
+        (``trainer.max_steps``, else the trainer's estimate; 0 outside a trainer). Checkpoints keep
+        it: a resumed run must have the same length to end where one run would."""
+        if self._trainer is None:
+            return 0
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        return int(self.trainer.estimated_stepping_batches)
+
     def temperature(self) -> float:
-        total = 0
-        if self._trainer is not None:
-            total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 0
-            if total <= 0:
-                total = int(self.trainer.estimated_stepping_batches)
+        total = self.schedule_steps()
         progress = self.global_step / max(1, total - 1) if total else 1.0
         return self.space.temperature.at(progress)
 
@@ -111,7 +117,7 @@ class SearchBase(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         elapsed = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
-        checkpoint["agsearch"] = {"search_seconds": self.search_seconds + elapsed}
+        checkpoint["agsearch"] = {"search_seconds": self.search_seconds + elapsed, "schedule_steps": self.schedule_steps()}
 
     def on_load_checkpoint(self, checkpoint):
         self.search_seconds = float(checkpoint.get("agsearch", {}).get("search_seconds", 0.0))

@@ -215,3 +215,28 @@ def test_resuming_with_another_length_is_refused(tmp_path, capsys, monkeypatch):
     refused(capsys, [*TINY_DEFAULT_SPACE, f"--ckpt_path={ckpt}", "--trainer.max_steps=6"],
             "spans 4 steps", "--trainer.max_steps=4")
     assert sorted(p.name for p in ckpt.parent.parent.rglob("*")) == before
+
+
+# -- a space brings the schedule it needs -------------------------------------------------------------------
+def test_an_adaptive_space_alone_runs_its_own_schedule_and_explicit_options_win(tmp_path):
+    from agsearch.cli.search import build_cli
+
+    base = ["--model.space=adaptive_cosine", "--wandb.mode=disabled", "--progress=false",
+            f"--trainer.default_root_dir={tmp_path}"]
+    cli = build_cli(base)
+    assert cli.trainer.max_steps == 400 and cli.datamodule.hparams.batch_size == 512
+    assert cli.datamodule.hparams.num_pairs == 512 and cli.model.hparams.lr == 0.05
+    cli = build_cli([*base, "--trainer.max_steps", "24", "--data.batch_size=32", "--model.lr=0.1"])
+    assert cli.trainer.max_steps == 24 and cli.datamodule.hparams.batch_size == 32 and cli.model.hparams.lr == 0.1
+    assert cli.datamodule.hparams.num_pairs == 512
+    # A gate space has no schedule: the command's defaults.
+    cli = build_cli(["--wandb.mode=disabled", "--progress=false", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.max_steps == 24 and cli.datamodule.hparams.batch_size == 32
+
+
+def test_a_bad_schedule_in_a_space_file_is_one_line(tmp_path, capsys):
+    space = tmp_path / "s.yaml"
+    space.write_text("name: s\nops: [{op: cfg}, {op: cond}]\nschedule: {max_steps: -3}\n")
+    refused(capsys, ["search", f"--model.space={space}", f"--trainer.default_root_dir={tmp_path / 'runs'}"],
+            "schedule.max_steps", "positive int")
+    assert not (tmp_path / "runs").exists()

@@ -38,6 +38,9 @@ from agsearch.cli.common import (
 from agsearch.policy import Policy
 
 DEFAULT_ROOT = "runs/search"
+# A space's ``schedule`` keys and the options they set.
+SCHEDULE_OPTIONS = {"max_steps": "trainer.max_steps", "batch_size": "data.batch_size", "num_pairs": "data.num_pairs",
+                    "lr": "model.lr"}
 TRAINER_DEFAULTS = trainer_defaults(max_steps=24,  # 3 epochs of 256 pairs at batch 32
                                     default_root_dir=DEFAULT_ROOT, log_every_n_steps=1)
 
@@ -51,6 +54,7 @@ def _cli_class():
         out_help = "policy JSON to write (default: <run dir>/policy.json)"
 
         def __init__(self, args):
+            self.argv = list(args)
             super().__init__(search_module, GuidancePairs, args, prog="agsearch search",
                              description="Differentiable search of a per-step guidance policy.",
                              trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False)
@@ -70,6 +74,7 @@ def _cli_class():
         def before_instantiate_classes(self) -> None:
             config = self.config
             self.check_eval(config)  # before anything is built or written
+            self.apply_space_schedule(config)
             if config.eval.clip_weights is not None:
                 if not config.model.pipeline:
                     raise UserError("eval.clip_weights applies to a pipeline folder's search (model.pipeline=DIR)")
@@ -85,6 +90,18 @@ def _cli_class():
             import os
 
             os.environ["AGSEARCH_RUN_DIR"] = str(self.run_dir)
+
+        def apply_space_schedule(self, config) -> None:
+            """The space file's ``schedule`` for every option the command line leaves at its default."""
+            from agsearch.search.space import SearchSpace
+
+            schedule = SearchSpace.load(config.model.space).schedule
+            defaults = self.parser.get_defaults()
+            for key, value in schedule.items():
+                option = SCHEDULE_OPTIONS[key]
+                given = any(arg.split("=")[0] == f"--{option}" for arg in self.argv)
+                if not given and config[option] == defaults[option]:
+                    config[option] = value
 
         def instantiate_trainer(self, **kwargs):
             from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar

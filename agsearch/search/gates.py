@@ -23,6 +23,7 @@ weight p is CFG at scale 1 + p (w − 1), which no discrete policy can reproduce
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -231,8 +232,8 @@ class PolicySearchModule(SearchBase):
                 t.end if temperature_end is None else temperature_end,
                 t.schedule,
             )
-            self.space = SearchSpace(self.space.name, self.space.ops, relaxation or self.space.relaxation,
-                                     temperature, self.space.source)
+            self.space = dataclasses.replace(self.space, relaxation=relaxation or self.space.relaxation,
+                                             temperature=temperature)
         check(isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= MAX_STEPS,
               f"Expected model.num_inference_steps to be an integer in [1, {MAX_STEPS}], but got {num_inference_steps}")
         check(math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_SCALE,

@@ -84,6 +84,26 @@ class Temperature:
         return self.start * (self.end / self.start) ** p
 
 
+SCHEDULE = {"max_steps": int, "batch_size": int, "num_pairs": int, "lr": float}
+
+
+def _schedule(schedule: Any, where: str) -> dict:
+    """A space's ``schedule``: positive ``max_steps``, ``batch_size``, ``num_pairs`` (integers) and ``lr``."""
+    if not isinstance(schedule, dict):
+        raise SpaceError(f"{where}schedule: expected a mapping of {', '.join(SCHEDULE)}, got {schedule!r}")
+    out = {}
+    for key, value in schedule.items():
+        kind = SCHEDULE.get(key)
+        if kind is None:
+            raise SpaceError(f"{where}schedule: unknown key {key!r} (expected {', '.join(SCHEDULE)})")
+        ok = isinstance(value, int) and not isinstance(value, bool) if kind is int else \
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value <= 0:
+            raise SpaceError(f"{where}schedule.{key}: expected a positive {kind.__name__}, got {value!r}")
+        out[key] = kind(value)
+    return out
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     name: str
@@ -93,6 +113,9 @@ class SearchSpace:
     source: str = ""
     kind: str = "static"  # or "adaptive": a threshold rule, not gates
     rule: dict | None = None  # adaptive: {"rule": "ag_cosine", "space": "x0"}
+    # The training the space needs, applied where the command line leaves an option at its default:
+    # {max_steps, batch_size, num_pairs, lr} (trainer.max_steps, data.batch_size, data.num_pairs, model.lr).
+    schedule: dict = field(default_factory=dict)
 
     # -- resolution -------------------------------------------------------------------------
     def candidates(self, guidance_scale: float) -> list[dict]:
@@ -133,6 +156,8 @@ class SearchSpace:
             document.update(kind="adaptive", rule=dict(self.rule))
         document.update(ops=[dict(op) for op in self.ops],
                         relaxation={"kind": self.relaxation, "temperature": dict(self.temperature.__dict__)})
+        if self.schedule:
+            document["schedule"] = dict(self.schedule)
         return document
 
     # -- loading ----------------------------------------------------------------------------
@@ -141,9 +166,11 @@ class SearchSpace:
         where = f"{source}: "
         if not isinstance(document, dict):
             raise SpaceError(f"{where}a search space is a mapping with 'ops', got {type(document).__name__}")
-        unknown = set(document) - {"name", "kind", "rule", "ops", "relaxation", "description"}
+        unknown = set(document) - {"name", "kind", "rule", "ops", "relaxation", "schedule", "description"}
         if unknown:
-            raise SpaceError(f"{where}unknown key {sorted(unknown)[0]!r} (expected name, kind, rule, ops, relaxation)")
+            raise SpaceError(f"{where}unknown key {sorted(unknown)[0]!r} (expected name, kind, rule, ops, relaxation, "
+                             f"schedule)")
+        schedule = _schedule(document.get("schedule", {}), where)
         kind = document.get("kind", "static")
         if kind not in ("static", "adaptive"):
             raise SpaceError(f"{where}kind: expected static or adaptive, got {kind!r}")
@@ -211,7 +238,8 @@ class SearchSpace:
             temperature = Temperature(**temp)
         except SpaceError as e:
             raise SpaceError(f"{where}relaxation.temperature: {e}") from None
-        space = cls(str(document.get("name", Path(source).stem)), tuple(checked), relax, temperature, source, kind, rule)
+        space = cls(str(document.get("name", Path(source).stem)), tuple(checked), relax, temperature, source, kind, rule,
+                    schedule)
         if len(space.candidates(2.0)) < 2:
             raise SpaceError(f"{where}a space needs at least two candidate ops to choose from, got {names}")
         return space

@@ -240,3 +240,17 @@ def test_a_bad_schedule_in_a_space_file_is_one_line(tmp_path, capsys):
     refused(capsys, ["search", f"--model.space={space}", f"--trainer.default_root_dir={tmp_path / 'runs'}"],
             "schedule.max_steps", "positive int")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "the file is empty"),
+    (b"\x7fELF\x02\x01\x01\x00\xd0\xff", "not a UTF-8 text file"),
+    (b"- 1\n- 2\n", "expected a mapping"),
+    (b"model: {budget: [1, 2\n", "not valid YAML"),
+])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, needle):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    refused(capsys, ["search", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'runs'}"],
+            str(config), needle)
+    assert not (tmp_path / "runs").exists()

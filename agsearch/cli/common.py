@@ -137,11 +137,46 @@ def command_cli():
     return CommandCLI
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    """The files of ``--config FILE``, ``--config=FILE`` and ``-c FILE`` in ``argv``."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def check_config_file(path: str) -> None:
+    """A ``--config`` file must be readable UTF-8 YAML holding a mapping: anything else is one line
+    naming the file (LightningCLI would say "Unexpected config:" or a codec error)."""
+    import yaml
+
+    from agsearch.io import read_text_file
+
+    text = read_text_file(path, "config file", UserError, max_bytes=16 * 2**20)
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"--config {path}: not valid YAML{where}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"--config {path}: {str(e).split(';')[0]}") from None
+    if document is None:
+        raise UserError(f"--config {path}: the file is empty (expected a mapping such as 'model: {{budget: 35}}')")
+    if not isinstance(document, dict):
+        raise UserError(f"--config {path}: expected a mapping of options, got a {type(document).__name__}")
+
+
 def build_command_cli(cli_class, argv: list[str], errors: tuple[type[Exception], ...] = ()):
     """Parse ``argv`` with a :func:`command_cli` subclass and instantiate model, data and trainer;
     a bad argument (``ArgumentError``, ``ValueError`` or one of ``errors``) is a :class:`UserError`."""
     from jsonargparse import ArgumentError
 
+    for path in _config_files(argv):
+        check_config_file(path)
     quiet_lightning()
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees a command line
     try:

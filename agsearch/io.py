@@ -27,6 +27,21 @@ def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = 
         raise error(f"{path}: not a UTF-8 text file") from None
 
 
+def parse_yaml(text: str, source: str, error: type[Exception] = ValueError):
+    """``yaml.safe_load`` of ``text``; a syntax error raises ``error`` with one line naming ``source``
+    and the line, an integer of more digits than Python converts too."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{source}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise error(f"{source}: {str(e).split(';')[0]}") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same folder and a rename, so a
     reader never sees a half-written file and a failed write leaves the old file intact."""

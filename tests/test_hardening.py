@@ -246,7 +246,7 @@ def test_a_bad_schedule_in_a_space_file_is_one_line(tmp_path, capsys):
     (b"", "the file is empty"),
     (b"\x7fELF\x02\x01\x01\x00\xd0\xff", "not a UTF-8 text file"),
     (b"- 1\n- 2\n", "expected a mapping"),
-    (b"model: {budget: [1, 2\n", "not valid YAML"),
+    (b"model: {budget: [1, 2\n", "invalid YAML at line"),
 ])
 def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, needle):
     config = tmp_path / "c.yaml"

@@ -151,19 +151,10 @@ def _config_files(argv: list[str]) -> list[str]:
 def check_config_file(path: str) -> None:
     """A ``--config`` file must be readable UTF-8 YAML holding a mapping: anything else is one line
     naming the file (LightningCLI would say "Unexpected config:" or a codec error)."""
-    import yaml
+    from agsearch.io import parse_yaml, read_text_file
 
-    from agsearch.io import read_text_file
-
-    text = read_text_file(path, "config file", UserError, max_bytes=16 * 2**20)
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"--config {path}: not valid YAML{where}") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise UserError(f"--config {path}: {str(e).split(';')[0]}") from None
+    document = parse_yaml(read_text_file(path, "config file", UserError, max_bytes=16 * 2**20), f"--config {path}",
+                          UserError)
     if document is None:
         raise UserError(f"--config {path}: the file is empty (expected a mapping such as 'model: {{budget: 35}}')")
     if not isinstance(document, dict):

@@ -130,8 +130,11 @@ class PipelineEvaluator(Evaluator):
                 pictures = self._decoded(images)
                 record["clip_score"] = float(self.clip.score(pictures, self.backend.prompt_texts(self.labels)).mean())
                 if len(images) >= 2:
-                    full = self._decoded(reference)
-                    record["clip_fd"] = self.clip.frechet_distance(full, pictures)
+                    key = (policy.num_inference_steps, float(policy.guidance_scale))
+                    decoded = self.__dict__.setdefault("_decoded_full_cfg", {})
+                    if key not in decoded:  # full CFG's images, decoded once for every policy compared with it
+                        decoded[key] = self._decoded(reference)
+                    record["clip_fd"] = self.clip.frechet_distance(decoded[key], pictures)
         return record
 
     def _decoded(self, latents: torch.Tensor) -> torch.Tensor:

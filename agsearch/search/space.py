@@ -45,9 +45,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agsearch.guidance.ops import OP_NFE
+from agsearch.io import parse_yaml
 
 RELAXATIONS = ("softmax", "gumbel_st")  # static spaces
 ADAPTIVE_RELAXATIONS = ("stopping",)  # adaptive spaces
@@ -251,13 +250,7 @@ class SearchSpace:
         if isinstance(name_or_path, dict):
             return cls.from_dict(name_or_path, str(name_or_path.get("name", "<space>")))
         text, source = _read(str(name_or_path))
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise SpaceError(f"{source}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
-        return cls.from_dict(document, source)
+        return cls.from_dict(parse_yaml(text, source, SpaceError), source)
 
 
 def _short_op(entry: dict) -> str:

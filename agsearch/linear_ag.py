@@ -40,6 +40,7 @@ from agsearch.io import read_text_file
 
 REGRESSORS = ("eps_c", "eps_c_prev", "eps_u_prev", "x", "bias")
 PAST = ("eps_c_prev", "eps_u_prev")  # what a step needs from the step before it
+MAX_COEF = 100.0  # |coefficient|: fitted ones are O(1); beyond this a step's ε_u is not an estimate
 FALLBACKS = ("cond", "cfg")
 FORMAT = "agsearch.affine"  # the coefficients file format (its name predates the module's)
 VERSION = 1
@@ -71,6 +72,8 @@ def check_coef(coef: Any, where: str = "coef") -> int | None:
                 raise AffineError(f"{where}/{name}: expected a number or a list of numbers, got {_short(value)}")
             if not math.isfinite(v):
                 raise AffineError(f"{where}/{name}: {v} is not a finite number")
+            if abs(v) > MAX_COEF:
+                raise AffineError(f"{where}/{name}: {_short(v)} is outside [-{MAX_COEF:g}, {MAX_COEF:g}]")
         if isinstance(value, list):
             if channels is not None and len(value) != channels:
                 raise AffineError(f"{where}/{name}: {len(value)} per-channel values, but other regressors have {channels}")

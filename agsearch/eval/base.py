@@ -67,6 +67,10 @@ class Evaluator:
             for lo in range(0, n, self.batch_size):
                 rows = torch.arange(lo, min(lo + self.batch_size, n), device=self.noise.device)
                 out = sample(self.denoiser, self.scheduler, policy, self.noise[rows], self.condition(rows))
+                bad = int((~torch.isfinite(out.samples.flatten(1))).any(1).sum())
+                if bad:  # e.g. affine coefficients whose chain of estimates diverges
+                    raise ValueError(f"{policy.label()}: {bad} of the first {int(rows[-1]) + 1} samples are not finite "
+                                     f"under this policy (NaN or infinity): nothing to score")
                 chunks.append(out)
                 images.append(self.images(out.samples))
                 bar.update(len(rows))

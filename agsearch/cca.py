@@ -76,11 +76,11 @@ def cca_loss(pos_ratio: torch.Tensor, neg_ratio: torch.Tensor, neg_is_positive: 
 
 def check_hparams(beta: float, lam: float, null_ratio: float) -> None:
     if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"Expected beta > 0, but got {beta}")
+        raise ValueError(f"Expected model.beta > 0, but got {beta}")
     if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"Expected lam (λ) >= 0, but got {lam}")
+        raise ValueError(f"Expected model.lam (λ) >= 0, but got {lam}")
     if not (0 <= null_ratio < 1):
-        raise ValueError(f"Expected null_ratio in [0, 1), but got {null_ratio}")
+        raise ValueError(f"Expected model.null_ratio in [0, 1), but got {null_ratio}")
 
 
 # -- the LightningModule ----------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class CCAModule(pl.LightningModule):
         super().__init__()
         check_hparams(beta, lam, null_ratio)
         if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"Expected lr > 0, but got {lr}")
+            raise ValueError(f"Expected model.lr > 0, but got {lr}")
         self.save_hyperparameters()
         ref = load_model(reference)
         self.reference = ref.requires_grad_(False).eval()

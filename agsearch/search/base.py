@@ -20,6 +20,10 @@ def resolve_run(model: str, pipeline: str | None, prompts: str | None, scheduler
     settings take the model's benchmark (or pipeline) defaults."""
     if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
         model = "pipeline"
+    from agsearch.diffusers.schedulers import SCHEDULERS
+
+    check(scheduler is None or scheduler in SCHEDULERS,
+          f"Expected model.scheduler in {sorted(SCHEDULERS)}, but got {scheduler!r}")
     settings = model_settings(model, pipeline, prompts)
     # ``is None``, not ``or``: an explicit 0 is refused by the module's checks, not replaced by the default.
     return (model, scheduler or settings["scheduler"],

@@ -43,7 +43,7 @@ from agsearch.search.base import (
 )
 from agsearch.search.discretize import MODES, discretize
 from agsearch.search.polish import TrajectoryEvaluator, polish
-from agsearch.search.space import SearchSpace, Temperature
+from agsearch.search.space import SearchSpace
 
 STRAIGHT_THROUGH = ("all", "sampled")
 INITS = ("teacher", "budget", "uniform")
@@ -226,12 +226,7 @@ class PolicySearchModule(SearchBase):
 
             if relaxation is not None and relaxation not in RELAXATIONS:
                 raise SpaceError(f"Expected model.relaxation in {RELAXATIONS}, but got {relaxation!r}")
-            t = self.space.temperature
-            temperature = Temperature(
-                t.start if temperature_start is None else temperature_start,
-                t.end if temperature_end is None else temperature_end,
-                t.schedule,
-            )
+            temperature = self.space.temperature.overridden(temperature_start, temperature_end)
             self.space = dataclasses.replace(self.space, relaxation=relaxation or self.space.relaxation,
                                              temperature=temperature)
         check(isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= MAX_STEPS,

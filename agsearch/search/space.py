@@ -73,6 +73,13 @@ class Temperature:
         if self.schedule not in SCHEDULES:
             raise SpaceError(f"Expected temperature schedule in {SCHEDULES}, but got {self.schedule!r}")
 
+    def overridden(self, start: float | None = None, end: float | None = None) -> "Temperature":
+        """This schedule with ``--model.temperature_start/end`` in place of its own (None: keep it)."""
+        for name, value in (("start", start), ("end", end)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise SpaceError(f"Expected model.temperature_{name} to be a positive number, but got {value!r}")
+        return Temperature(self.start if start is None else start, self.end if end is None else end, self.schedule)
+
     def at(self, progress: float) -> float:
         """τ at ``progress`` ∈ [0, 1] of the run."""
         p = min(max(progress, 0.0), 1.0)

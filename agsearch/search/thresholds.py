@@ -247,7 +247,7 @@ class ThresholdSearchModule(SearchBase):
                  guidance_scale: float | None = None, lr: float = 0.1, dual_lr: float = 2.0, distance: str = "mse",
                  temperature_start: float | None = None, temperature_end: float | None = None, init: str = "budget"):
         super().__init__()
-        from agsearch.search.space import SearchSpace, SpaceError, Temperature
+        from agsearch.search.space import SearchSpace, SpaceError
 
         model, scheduler, T, guidance_scale = resolve_run(model, pipeline, prompts, scheduler, num_inference_steps,
                                                           guidance_scale)
@@ -255,10 +255,8 @@ class ThresholdSearchModule(SearchBase):
         if self.space.kind != "adaptive":
             raise SpaceError(f"{self.space.source}: not an adaptive space")
         if temperature_start is not None or temperature_end is not None:
-            t = self.space.temperature
-            temperature = Temperature(t.start if temperature_start is None else temperature_start,
-                                      t.end if temperature_end is None else temperature_end, t.schedule)
-            self.space = dataclasses.replace(self.space, temperature=temperature)
+            self.space = dataclasses.replace(
+                self.space, temperature=self.space.temperature.overridden(temperature_start, temperature_end))
         check(isinstance(T, int) and 2 <= T <= MAX_STEPS,
               f"Expected model.num_inference_steps in [2, {MAX_STEPS}] for an adaptive rule, but got {T}")
         check(math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_SCALE,

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -254,3 +255,39 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, need
     refused(capsys, ["search", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'runs'}"],
             str(config), needle)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["search", "cca"])
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_or_a_checkpoint(tmp_path, command):
+    """A real SIGINT to a running training command: exit 130, one line saying what was kept."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / ("p.json" if command == "search" else "cca")
+    argv = [sys.executable, "-m", "agsearch.cli.main", command, "--trainer.max_steps=100000", "--eval.samples=0",
+            "--wandb.mode=disabled", "--progress=false", f"--out={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs" / "search" if command == "search" else out
+    deadline = time.monotonic() + 120
+    while not (runs.is_dir() and any(runs.rglob("*"))) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the fit
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()  # the run's own progress lines come first
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert lines[-1].startswith(f"agsearch {command}: interrupted; ") and not any("Interrupt" in ln for ln in lines)
+    resume = re.search(r"resume with --ckpt_path (\S+)", lines[-1])
+    if resume:
+        assert Path(resume.group(1)).is_file()
+    else:
+        assert "removed" in lines[-1] and not runs.exists() if command == "cca" else not any(runs.glob("*"))
+
+
+def test_bench_never_runs_another_models_benchmark_silently(tmp_path, capsys):
+    refused(capsys, ["bench", "--model", "shapes", "--out-dir", str(tmp_path / "b")], "--model shapes")
+    assert not (tmp_path / "b").exists()

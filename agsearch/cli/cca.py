@@ -24,6 +24,7 @@ from pathlib import Path
 
 from agsearch.cli.common import (
     UserError,
+    after_interrupt,
     build_command_cli,
     command_cli,
     run_command,
@@ -59,7 +60,6 @@ def _cli_class():
             out = Path(config.out) if config.out else Path(DEFAULT_ROOT) / time.strftime("%Y%m%d-%H%M%S")
             if out.exists() and not out.is_dir():
                 raise UserError(f"--out {out} is a file; give a directory")
-            self.check_eval(config)
             if not config.eval.scales or any(s <= 0 for s in config.eval.scales):
                 raise UserError(f"Expected eval.scales to be positive guidance scales, but got {config.eval.scales}")
             self.run_dir = out  # made only once the module and data were built: bad input leaves no directory
@@ -67,12 +67,12 @@ def _cli_class():
         def instantiate_trainer(self, **kwargs):
             from pytorch_lightning.callbacks import ModelCheckpoint
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.make_run_dir()
             trainer_config, extra = self.trainer_config(kwargs, logger_name=f"cca-{self.run_dir.name}")
             trainer_config["enable_checkpointing"] = True
             extra.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1,
                                          enable_version_counter=False))
-            return self._instantiate_trainer(trainer_config, extra)
+            return self.build_trainer(trainer_config, extra)
 
     return CCACLI
 
@@ -112,10 +112,10 @@ def run_cca(argv: list[str]) -> tuple[Path, list[dict], float]:
     except SystemExit:  # Lightning's graceful shutdown after Ctrl-C ends in sys.exit(1)
         if not trainer.interrupted:
             raise
-        raise KeyboardInterrupt(f"the run directory {cli.run_dir} keeps the last epoch's checkpoint, if any") from None
+        raise KeyboardInterrupt(after_interrupt(cli.run_dir, removable=cli.made_run_dir)) from None
     seconds = time.perf_counter() - start
     if trainer.interrupted:
-        raise KeyboardInterrupt(f"the run directory {cli.run_dir} keeps the last epoch's checkpoint, if any")
+        raise KeyboardInterrupt(after_interrupt(cli.run_dir, removable=cli.made_run_dir))
     tuned = module.model.eval()
     save_model(tuned, cli.run_dir / "digits_ar_cca.safetensors")
     rows: list[dict] = []

@@ -23,6 +23,11 @@ def one_line(message: str) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
+def printable(message) -> str:
+    """``message`` with control characters escaped (a newline in a file name stays on one line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+
+
 def run_command(prog: str, command, *args, failures: tuple[type[Exception], ...] = ()):
     """(exit code, result) of ``command(*args)``: (None, result) when it ran; 0 or its code for
     ``--help``-style exits; 2 with one line for a :class:`UserError`; 130 when interrupted (the
@@ -32,23 +37,25 @@ def run_command(prog: str, command, *args, failures: tuple[type[Exception], ...]
     except SystemExit as e:  # --help / --print_config
         return int(e.code or 0), None
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return 2, None
     except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(f"{prog}: interrupted{'; ' + printable(e) if str(e) else ''}", file=sys.stderr)
         return 130, None
     except failures as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {printable(e)}", file=sys.stderr)
         return 1, None
 
 
 # -- quiet libraries ------------------------------------------------------------------------------------
 class _QuietLightning(logging.Filter):
-    """Drop Lightning's chatter that says nothing about this run (seed banner, product tips)."""
+    """Drop Lightning's chatter that says nothing about this run (seed banner, product tips) and its
+    Ctrl-C notice (our own interrupt line says what was kept)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Seed set to") or "litlogger" in message.lower())
+        return not (message.startswith("Seed set to") or "litlogger" in message.lower()
+                    or "Detected KeyboardInterrupt" in message)
 
 
 def quiet_lightning() -> None:
@@ -79,6 +86,17 @@ def default_logger(run_dir: Path, mode: str = "offline", project: str = "agsearc
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(save_dir=str(run_dir), project=project, name=name or run_dir.name,
                        offline=mode == "offline", log_model=False)
+
+
+MAX_SIZE = 100_000  # samples, pairs and batch sizes of one run (as the argparse commands' --samples)
+MAX_SEED = 10**9  # noise seeds are S·10⁶ + i: S up to 10⁹ keeps them inside torch's 64-bit seeds
+LIMITS = {  # option: its range, in the commands that have it
+    "eval.samples": (0, MAX_SIZE), "eval.batch_size": (1, MAX_SIZE), "eval.seed": (0, MAX_SEED),
+    "data.num_pairs": (1, MAX_SIZE), "data.num_val": (0, MAX_SIZE), "data.num_calibration": (0, MAX_SIZE),
+    "data.batch_size": (1, MAX_SIZE), "data.seed": (0, MAX_SEED), "data.val_seed": (0, MAX_SEED),
+    "data.calibration_seed": (0, MAX_SEED), "seed_everything": (0, 2**32 - 1),  # Lightning's (numpy's) range
+    "trainer.max_steps": (-1, 10**7),
+}
 
 
 @lru_cache(maxsize=None)
@@ -115,11 +133,41 @@ def command_cli():
             parser.add_argument("--wandb.project", type=str, default="agsearch")
             parser.add_argument("--progress", type=bool, default=True, help="progress bars")
 
-        def check_eval(self, config) -> None:
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            self.check_limits(self.config)  # before Lightning seeds anything or a subclass builds anything
+
+        def check_limits(self, config) -> None:
+            """The shared options' ranges and the sizes and seeds of :data:`LIMITS`."""
             if config.eval.samples < 0 or config.eval.samples == 1:
                 raise UserError(f"Expected eval.samples to be 0 (skip) or at least 2, but got {config.eval.samples}")
             if config.eval.batch_size < 1:
                 raise UserError(f"Expected eval.batch_size >= 1, but got {config.eval.batch_size}")
+            for option, (lo, hi) in LIMITS.items():
+                value = config.get(option)
+                if isinstance(value, bool) or not isinstance(value, int):
+                    continue  # absent here, or seed_everything=true (a random seed)
+                if not lo <= value <= hi:
+                    raise UserError(f"Expected {option} in [{lo:,}, {hi:,}], but got {value}")
+
+        def make_run_dir(self) -> None:
+            """Create the run directory (only once model and data were built: bad input leaves none)."""
+            self.made_run_dir = not self.run_dir.exists()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        def build_trainer(self, trainer_config: dict, extra: list):
+            """The Trainer; settings it refuses (an accelerator this machine lacks, bad devices)
+            are a :class:`UserError`, and a run directory made for it is removed."""
+            from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+            try:
+                return self._instantiate_trainer(trainer_config, extra)
+            except (MisconfigurationException, ValueError, TypeError) as e:
+                if getattr(self, "made_run_dir", False):
+                    import shutil
+
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+                raise UserError(f"trainer: {one_line(str(e))}") from None
 
         def trainer_config(self, kwargs: dict, logger_name: str | None = None) -> tuple[dict, list]:
             """(Trainer settings, extra callbacks) with this run's directory, progress bar and logger."""
@@ -135,6 +183,21 @@ def command_cli():
             return trainer_config, extra
 
     return CommandCLI
+
+
+def after_interrupt(run_dir: Path, removable: bool) -> str:
+    """What an interrupted training run leaves, as the interrupt's message: its last epoch's
+    checkpoint, to resume from; else, for a directory this run made, nothing (it held only the
+    config and the logger's files)."""
+    import shutil
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return f"resume with --ckpt_path {last}"
+    if removable and run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return f"no epoch had ended: removed {run_dir}"
+    return f"no epoch had ended: no checkpoint in {run_dir}"
 
 
 def _config_files(argv: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from agsearch.cli.common import UserError
+from agsearch.cli.common import MAX_SEED, MAX_SIZE, UserError, printable
 from agsearch.io import atomic_write_text
 from agsearch.policy import MAX_SCALE, MAX_STEPS, PolicyError
 
@@ -51,7 +51,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-MAX_SAMPLES = 100_000  # per evaluation: the noise, samples and reference are held in memory
+MAX_SAMPLES = MAX_SIZE  # per evaluation: the noise, samples and reference are held in memory
 MAX_IMAGE_SIDE = 4096
 
 
@@ -65,6 +65,17 @@ def _int_up_to(limit: int, what: str):
 
     parse.__name__ = what.replace(" ", "_")
     return parse
+
+
+def _seed(text: str) -> int:
+    """A seed S in [0, MAX_SEED]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, {MAX_SEED:,}], got {text}")
+    return value
 
 
 def _image_side(text: str) -> int:
@@ -245,6 +256,9 @@ def cmd_bench(args) -> int:
     from agsearch.eval.bench import run_benchmark
 
     _check_model(args.model)
+    if args.model != "digits":  # never run another model's benchmark silently
+        raise UserError(f"agsearch bench has the digits benchmark only so far, not --model {args.model} "
+                        f"(compare policies on it with agsearch eval --model {args.model})")
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                   quick=args.quick, policies=args.policy, families=args.families, merge=args.merge,
@@ -395,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a file of captions, one per line, used in order")
     p.add_argument("--samples", type=_samples, default=1000,
                    help="samples per policy (digits: balanced classes; shapes: categories in turn)")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=_seed, default=1,
                    help="noise seed: sample i uses seed*10^6+i (search seeds use 0, so 1+ are held out)")
     p.add_argument("--steps", type=_steps, help="sampling steps (default: benchmark's)")
     p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
@@ -413,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="digits", help="built-in model (digits)")
     p.add_argument("--out-dir", type=Path, default=Path("results"))
     p.add_argument("--samples", type=_samples, default=1000)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=_seed, default=1)
     p.add_argument("--batch-size", type=_samples, default=1000)
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--quick", action="store_true", help="a few policies only (smoke test)")
@@ -435,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="digits", help="built-in model (digits)")
     p.add_argument("--pairs", type=_samples, default=200, help="teacher trajectories to fit on")
     p.add_argument("--heldout", type=_samples, default=100, help="trajectories for the held-out R²")
-    p.add_argument("--seed", type=int, default=0, help="noise seed S of the fit pairs (the search's: 0; 1 is the evaluation's)")
-    p.add_argument("--heldout-seed", type=int, default=3, help="noise seed of the held-out pairs (search validation: 3)")
+    p.add_argument("--seed", type=_seed, default=0, help="noise seed S of the fit pairs (the search's: 0; 1 is the evaluation's)")
+    p.add_argument("--heldout-seed", type=_seed, default=3, help="noise seed of the held-out pairs (search validation: 3)")
     p.add_argument("--ridge", type=_nonneg_float, default=1e-4, help="ridge λ relative to the mean diagonal of XᵀX")
     p.add_argument("--per-channel", action="store_true", help="one coefficient per channel instead of scalars")
     p.add_argument("--device", type=_device, default="cpu")
@@ -464,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_int_up_to(2 * MAX_STEPS, "NFE"), nargs="+", default=[30, 35, 40, 45], help="NFE budgets")
     p.add_argument("--spaces", nargs="+", default=["minimal"], help="search spaces (names or YAML files)")
     p.add_argument("--samples", type=_samples, default=1000, help="held-out samples per policy")
-    p.add_argument("--seed", type=int, default=1, help="held-out noise seed")
+    p.add_argument("--seed", type=_seed, default=1, help="held-out noise seed")
     p.add_argument("--batch-size", type=_samples, default=1000)
     p.add_argument("--out-dir", type=Path, default=Path("results/search"))
     p.add_argument("--no-ag", action="store_true", help="skip matching the AG rule to each budget")
@@ -481,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompt-file", type=Path, help="prompts: one per line, or JSONL with prompt/negative_prompt")
     p.add_argument("--negative-prompt", help="negative prompt (used on CFG steps only)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--seed", type=_seed, default=0, help="image i uses seed + i")
     p.add_argument("--steps", type=_steps, help="sampling steps (default: the policy's)")
     p.add_argument("--scale", type=_scale, help="guidance scale (default: the policy's)")
     p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
@@ -525,11 +539,11 @@ def main(argv=None) -> int:
             return 0
         return args.func(args)
     except ValueError as e:  # UserError, PolicyError, SpaceError, CaptionError, ...
-        print(f"agsearch: error: {e}", file=sys.stderr)
+        print(f"agsearch: error: {printable(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"agsearch: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"agsearch: error: {printable(e.strerror or e)}{printable(where)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("agsearch: interrupted", file=sys.stderr)

@@ -29,6 +29,7 @@ import torch
 
 from agsearch.cli.common import (
     UserError,
+    after_interrupt,
     build_command_cli,
     command_cli,
     one_line,
@@ -73,7 +74,6 @@ def _cli_class():
 
         def before_instantiate_classes(self) -> None:
             config = self.config
-            self.check_eval(config)  # before anything is built or written
             self.apply_space_schedule(config)
             if config.eval.clip_weights is not None:
                 if not config.model.pipeline:
@@ -95,7 +95,10 @@ def _cli_class():
             """The space file's ``schedule`` for every option the command line leaves at its default."""
             from agsearch.search.space import SearchSpace
 
-            schedule = SearchSpace.load(config.model.space).schedule
+            try:
+                schedule = SearchSpace.load(config.model.space).schedule
+            except ValueError as e:  # SpaceError: an unknown name, or a file that is not a space
+                raise UserError(f"model.space: {one_line(str(e))}") from None
             defaults = self.parser.get_defaults()
             for key, value in schedule.items():
                 option = SCHEDULE_OPTIONS[key]
@@ -110,8 +113,7 @@ def _cli_class():
                 progress_bar,
             )
 
-            # Made only now that the model and data were built: bad input leaves no directory.
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.make_run_dir()
             trainer_config, extra = self.trainer_config(kwargs)
             given = [*extra, trainer_config.get("callbacks") or []]
             given = [c for item in given for c in (item if isinstance(item, list) else [item])]
@@ -121,7 +123,7 @@ def _cli_class():
             extra += [self.gate_monitor,
                       ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1,
                                       every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)]
-            return self._instantiate_trainer(trainer_config, extra)
+            return self.build_trainer(trainer_config, extra)
 
     return SearchCLI
 
@@ -181,11 +183,11 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
     except SystemExit:  # Lightning's graceful shutdown after Ctrl-C ends in sys.exit(1)
         if not trainer.interrupted:
             raise
-        raise KeyboardInterrupt(_after_interrupt(cli.run_dir, resumed=bool(config.ckpt_path))) from None
+        raise KeyboardInterrupt(after_interrupt(cli.run_dir, removable=cli.made_run_dir)) from None
     if not trainer.is_global_zero:
         return None, None, []
     if trainer.interrupted:
-        raise KeyboardInterrupt(_after_interrupt(cli.run_dir, resumed=bool(config.ckpt_path)))
+        raise KeyboardInterrupt(after_interrupt(cli.run_dir, removable=cli.made_run_dir))
 
     data = cli.datamodule.hparams
     run = dict(seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
@@ -273,20 +275,6 @@ def search_main(argv: list[str]) -> int:
     return 0
 
 
-def _after_interrupt(run_dir: Path, resumed: bool) -> str:
-    """What an interrupted run leaves: its last epoch's checkpoint, to resume from; else, for a
-    new run, nothing (its directory held only the config and the logger's files)."""
-    import shutil
-
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return f"resume with --ckpt_path {last}"
-    if not resumed and run_dir.is_dir():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return f"no epoch had ended: removed {run_dir}"
-    return "no checkpoint was written"
-
-
 # -- export -----------------------------------------------------------------------------------------
 def read_checkpoint(path: Path, what: str = "") -> dict:
     """A search checkpoint's dict, loaded with ``weights_only=True`` (no pickle runs); a file that is
@@ -300,9 +288,27 @@ def read_checkpoint(path: Path, what: str = "") -> dict:
     except Exception as e:  # unpickling refused, truncated or not a checkpoint
         raise UserError(f"{what}{path} is not a readable search checkpoint "
                         f"({type(e).__name__}: {one_line(str(e))[:160]})") from None
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    if "gate_logits" not in state and "thresholds_u" not in state:
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or ("gate_logits" not in state and "thresholds_u" not in state):
         raise UserError(f"{what}{path} is not an agsearch search checkpoint (no gate_logits or thresholds_u in its state_dict)")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise UserError(f"{what}{path} is not an agsearch search checkpoint (state_dict[{str(bad)[:40]!r}] is not a tensor)")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{what}{path}: state_dict[{str(bad)[:40]!r}] holds NaN or infinite values "
+                        "(the search diverged; export an earlier checkpoint or search again with a lower model.lr)")
+    for key in ("hyper_parameters", "datamodule_hyper_parameters", "agsearch"):
+        if not isinstance(checkpoint.get(key, {}), dict):
+            raise UserError(f"{what}{path} is not an agsearch search checkpoint ({key} is not a mapping)")
+    seconds = checkpoint.get("agsearch", {}).get("search_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise UserError(f"{what}{path} is not an agsearch search checkpoint (agsearch.search_seconds is not a number)")
+    seed = checkpoint.get("datamodule_hyper_parameters", {}).get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"{what}{path} is not an agsearch search checkpoint (its data seed is not an integer)")
+    if isinstance(checkpoint.get("global_step", 0), bool) or not isinstance(checkpoint.get("global_step", 0), int):
+        raise UserError(f"{what}{path} is not an agsearch search checkpoint (global_step is not an integer)")
     return checkpoint
 
 
@@ -319,7 +325,7 @@ def load_checkpoint(path: str | Path):
         kwargs["space"] = hparams["space_spec"]
     try:
         module = search_module(**kwargs)
-    except ValueError as e:  # settings this version refuses
+    except (ValueError, TypeError) as e:  # settings this version refuses, or of the wrong type
         raise UserError(f"{path}: {one_line(str(e))}") from None
     try:
         module.load_state_dict(checkpoint["state_dict"])

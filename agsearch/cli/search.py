@@ -20,6 +20,7 @@ before the run directory is created.
 
 from __future__ import annotations
 
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -285,7 +286,10 @@ def read_checkpoint(path: Path, what: str = "") -> dict:
         raise UserError(f"{what}{path}: no such checkpoint file") from None
     except IsADirectoryError:
         raise UserError(f"{what}{path} is a directory, not a checkpoint file") from None
-    except Exception as e:  # unpickling refused, truncated or not a checkpoint
+    except pickle.UnpicklingError:  # torch's long weights_only advice does not apply: we never unpickle code
+        raise UserError(f"{what}{path} is not a readable search checkpoint (not a torch file, or one that only "
+                        "loads by running pickled code, which agsearch never does)") from None
+    except Exception as e:  # truncated or not a checkpoint
         raise UserError(f"{what}{path} is not a readable search checkpoint "
                         f"({type(e).__name__}: {one_line(str(e))[:160]})") from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None

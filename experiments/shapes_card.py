@@ -20,6 +20,7 @@ from agsearch.models.shapes import (
     TEXT_CONFIG,
     UNET_CONFIG,
     VAE_CONFIG,
+    benchmark_settings,
     scenes,
 )
 
@@ -30,14 +31,55 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def training_lines(train: dict) -> list[str]:
+    """The training section: the VAE, then each UNet stage (a later one starts from the earlier's
+    weights with ``--init-from``), and the held-out losses along all of them."""
+    stages = [*train.get("previous_stages", []), train]
+    first = stages[0]
+    args, vae_hist = first["args"], first["vae"]["history"]
+    lines = [
+        f"1. VAE: `{first['command'].strip()}` (seed {args['seed']}): {args['vae_steps']} steps of batch "
+        f"{args['vae_batch']}, L1 + MSE + {args['kl_weight']:g}·KL, {first['vae']['seconds'] / 60:.1f} min; held-out "
+        f"reconstruction PSNR {vae_hist[-1]['heldout_psnr']:.2f} dB (256 renders, images in [-1, 1]).",
+    ]
+    for i, stage in enumerate(stages, 1):
+        a = stage["args"]
+        start = "from scratch on the VAE's latents" if i == 1 else f"from stage {i - 1}'s weights (`--init-from`)"
+        lines.append(
+            f"{i + 1}. UNet + text encoder together, stage {i}, {start}: `{stage['command'].strip()}` (seed {a['seed']}, torch "
+            f"{stage['torch']}, {stage['device']}): {stage.get('steps_done', a['steps'])} steps of batch "
+            f"{a['batch_size']}, AdamW lr {a['lr']:g} (warm-up {a['warmup']}, cosine to 10%), Min-SNR-γ "
+            f"{a['min_snr_gamma']:g}, caption dropped to the empty prompt with probability {a['cond_dropout']:g}, EMA "
+            f"{a['ema']:g}; {stage['unet_seconds'] / 60:.1f} min.")
+    if len(stages) > 1:
+        lines.append(f"   Its output folder (`{train['args']['out']}`) replaced this one.")
+    lines.append("")
+    if all(stage["device"] == "cpu" for stage in stages):
+        lines += ["Times are wall times on a 2-core CPU (shared with other jobs at times). The same script runs on "
+                  "a GPU with `--device cuda`; no GPU run has been timed yet.", ""]
+    lines += ["Loss of the EMA weights on a fixed held-out batch (256 training and 256 held-out captions, fixed "
+              "images, t and noise; unweighted ε-MSE); steps and minutes count from the start of stage 1:", "",
+              "| stage | step | minutes | training captions | held-out captions |", "|---:|---:|---:|---:|---:|"]
+    steps0 = minutes0 = 0.0
+    for i, stage in enumerate(stages, 1):
+        hist = stage["unet_history"]
+        shown = hist[:: max(1, len(hist) // 8)]
+        if shown[-1] is not hist[-1]:
+            shown.append(hist[-1])
+        lines += [f"| {i} | {steps0 + h['step']:.0f} | {minutes0 + h['seconds'] / 60:.1f} | "
+                  f"{h['ema_loss_train_captions']:.4f} | {h['ema_loss_heldout_captions']:.4f} |" for h in shown]
+        steps0 += hist[-1]["step"]
+        minutes0 += stage["unet_seconds"] / 60
+    return lines
+
+
 def main():
     train = json.loads((PIPELINE_DIR / "training.json").read_text("utf-8"))
     scorer = json.loads(SCORER_FILE.with_suffix(".json").read_text("utf-8"))
     params = train["parameters"]
-    unet_hist, vae_hist = train["unet_history"], train["vae"]["history"]
-    last = unet_hist[-1]
-    best_held = min(h["ema_loss_heldout_captions"] for h in unet_hist)
-    args = train["args"]
+    stages = [*train.get("previous_stages", []), train]
+    best_scale = benchmark_settings()["guidance_scale"]
+    best_held = min(h["ema_loss_heldout_captions"] for stage in stages for h in stage["unet_history"])
     lines = [
         "# agsearch shapes: a miniature Stable Diffusion on compositional shape scenes",
         "",
@@ -51,7 +93,7 @@ def main():
         "```python",
         "from agsearch.models.shapes import load_pipeline",
         "pipe = load_pipeline()            # = StableDiffusionPipeline.from_pretrained(<this folder>)",
-        'image = pipe("a red circle to the left of a blue square", guidance_scale=3).images[0]',
+        f'image = pipe("a red circle to the left of a blue square", guidance_scale={best_scale:g}).images[0]',
         "```",
         "",
         "On the command line the folder is `builtin:shapes` (`agsearch generate --pipeline builtin:shapes ...`).",
@@ -75,30 +117,8 @@ def main():
         "",
         "## Training",
         "",
-        f"Command: `{train['command'].strip()}` (seed {args['seed']}, torch {train['torch']}, device "
-        f"{train['device']}).",
-        "",
-        f"1. VAE: {args['vae_steps']} steps of batch {args['vae_batch']}, L1 + MSE + {args['kl_weight']:g}·KL, "
-        f"{train['vae']['seconds'] / 60:.1f} min; held-out reconstruction PSNR "
-        f"{vae_hist[-1]['heldout_psnr']:.2f} dB (256 renders, images in [-1, 1]).",
-        f"2. UNet + text encoder together: {train.get('steps_done', args['steps'])} steps of batch "
-        f"{args['batch_size']}, AdamW lr {args['lr']:g} (warm-up {args['warmup']}, cosine to 10%), Min-SNR-γ "
-        f"{args['min_snr_gamma']:g}, caption dropped to the empty prompt with probability {args['cond_dropout']:g}, "
-        f"EMA {args['ema']:g}; {train['unet_seconds'] / 60:.1f} min.",
-        "",
-        *(["The same script runs on a GPU with `--device cuda`; no GPU run has been timed yet.", ""]
-          if train["device"] == "cpu" else []),
-        "Loss of the EMA weights on a fixed held-out batch (256 training and 256 held-out captions, fixed images, "
-        "t and noise; unweighted ε-MSE):",
-        "",
-        "| step | minutes | training captions | held-out captions |",
-        "|---:|---:|---:|---:|",
+        *training_lines(train),
     ]
-    shown = unet_hist[:: max(1, len(unet_hist) // 12)]
-    if shown[-1] is not last:
-        shown.append(last)
-    lines += [f"| {h['step']} | {h['seconds'] / 60:.1f} | {h['ema_loss_train_captions']:.4f} | "
-              f"{h['ema_loss_heldout_captions']:.4f} |" for h in shown]
     lines += ["", f"Lowest held-out-caption loss: {best_held:.4f}.", ""]
     acc = scorer["heldout_accuracy"]
     lines += [

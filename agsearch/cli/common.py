@@ -141,8 +141,6 @@ def command_cli():
             """The shared options' ranges and the sizes and seeds of :data:`LIMITS`."""
             if config.eval.samples < 0 or config.eval.samples == 1:
                 raise UserError(f"Expected eval.samples to be 0 (skip) or at least 2, but got {config.eval.samples}")
-            if config.eval.batch_size < 1:
-                raise UserError(f"Expected eval.batch_size >= 1, but got {config.eval.batch_size}")
             for option, (lo, hi) in LIMITS.items():
                 value = config.get(option)
                 if isinstance(value, bool) or not isinstance(value, int):

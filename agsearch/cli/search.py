@@ -308,10 +308,13 @@ def read_checkpoint(path: Path, what: str = "") -> dict:
     seconds = checkpoint.get("agsearch", {}).get("search_seconds", 0.0)
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise UserError(f"{what}{path} is not an agsearch search checkpoint (agsearch.search_seconds is not a number)")
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     seed = checkpoint.get("datamodule_hyper_parameters", {}).get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and not is_int(seed):
         raise UserError(f"{what}{path} is not an agsearch search checkpoint (its data seed is not an integer)")
-    if isinstance(checkpoint.get("global_step", 0), bool) or not isinstance(checkpoint.get("global_step", 0), int):
+    if not is_int(checkpoint.get("global_step", 0)):
         raise UserError(f"{what}{path} is not an agsearch search checkpoint (global_step is not an integer)")
     return checkpoint
 

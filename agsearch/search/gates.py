@@ -238,7 +238,7 @@ class PolicySearchModule(SearchBase):
         T = num_inference_steps
         lo, hi = T * min(self.costs), T * max(self.costs)
         check(isinstance(budget, int) and lo <= budget <= hi,
-               f"Expected model.budget to be an integer between {lo} and {hi} NFE for {T} steps, but got {budget}")
+               f"Expected model.budget to be an integer between {lo} and {hi} NFE for model.num_inference_steps={T}, but got {budget}")
         for name, value in (("lr", lr), ("dual_lr", dual_lr), ("affine_lr", affine_lr), ("trajectory_weight", trajectory_weight),
                             ("entropy_weight", entropy_weight)):
             check(math.isfinite(value) and value >= 0, f"Expected model.{name} to be a finite number >= 0, but got {value}")

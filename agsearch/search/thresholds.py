@@ -262,7 +262,7 @@ class ThresholdSearchModule(SearchBase):
         check(math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_SCALE,
               f"Expected model.guidance_scale to be a number in [0, {MAX_SCALE:g}], but got {guidance_scale}")
         check(isinstance(budget, int) and T + 1 <= budget <= 2 * T,
-               f"Expected model.budget to be an integer between {T + 1} and {2 * T} NFE for {T} steps "
+               f"Expected model.budget to be an integer between {T + 1} and {2 * T} NFE for model.num_inference_steps={T} "
                f"(an adaptive rule always guides step 0), but got {budget}")
         for name, value in (("lr", lr), ("dual_lr", dual_lr)):
             check(math.isfinite(value) and value >= 0, f"Expected model.{name} to be a finite number >= 0, but got {value}")

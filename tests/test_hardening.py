@@ -81,6 +81,7 @@ def test_baseline_options_out_of_range(tmp_path, capsys, argv, needle):
     (["--device", "foo"], "'foo' is not a device"),
     (["--device", "meta"], "expected cpu, cuda"),
     (["--steps", "0"], "positive integer"),
+    (["--samples=--"], "got '--'"),  # argparse alone would read it as the end of the options: samples=[]
 ])
 def test_eval_options_out_of_range(tmp_path, capsys, extra, needle):
     policy = write_policy(tmp_path, json.dumps(POLICY))
@@ -270,7 +271,9 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_or_a_checkpoint(tmp_p
     argv = [sys.executable, "-m", "agsearch.cli.main", command, "--trainer.max_steps=100000", "--eval.samples=0",
             "--wandb.mode=disabled", "--progress=false", f"--out={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job inherits SIGINT ignored, and Python keeps it so: give the child the default back.
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = tmp_path / "runs" / "search" if command == "search" else out
     deadline = time.monotonic() + 120
     while not (runs.is_dir() and any(runs.rglob("*"))) and proc.poll() is None and time.monotonic() < deadline:

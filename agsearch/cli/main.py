@@ -23,6 +23,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
         raise UserError(f"{self.prog}: {message} (see --help)")
 
+    def _get_values(self, action, arg_strings):
+        # "--samples=--" hands argparse the lone string "--", which it takes for the end of the options and
+        # drops, leaving samples=[]: read it as the value it is, so the option's type refuses it.
+        if arg_strings == ["--"] and action.nargs not in (argparse.PARSER, argparse.REMAINDER):
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value if action.nargs in (None, argparse.OPTIONAL) else [value]
+        return super()._get_values(action, arg_strings)
+
 
 def _finite_float(text: str) -> float:
     try:

@@ -16,8 +16,9 @@ CALIBRATION_SEED = 2
 VALIDATION_SEED = 3
 
 
-def sample_seeds(seed: int, n: int) -> list[int]:
-    return [seed * SEED_STRIDE + i for i in range(n)]
+def sample_seeds(seed: int, n: int, start: int = 0) -> list[int]:
+    """The noise seeds of samples start, …, start + n − 1 of a run with seed ``seed``."""
+    return [seed * SEED_STRIDE + i for i in range(start, start + n)]
 
 
 def make_noise(seeds: list[int], shape, device="cpu") -> torch.Tensor:

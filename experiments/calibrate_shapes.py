@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from agsearch.eval import shapes_bench
 from agsearch.eval.bench import save_figure
 from agsearch.eval.records import format_table, mse_psnr
 from agsearch.eval.shapes import ShapesEvaluator
 from agsearch.io import atomic_write_text
-from agsearch.models.shapes import BENCHMARK_FILE, scenes
+from agsearch.models.shapes import BENCHMARK_FILE
 from agsearch.policy import Policy
 
 STEPS = 25
@@ -47,7 +48,7 @@ def sweep(split: str, args, pipe, scorer) -> tuple[list[dict], ShapesEvaluator]:
     for w in [None, *args.scales]:
         policy = Policy.static(["cond"] * STEPS, 1.0, name="cond-only") if w is None else \
             Policy.static(["cfg"] * STEPS, w, name=f"cfg w={w:g}")
-        r = ev.evaluate(policy, compare=False)  # compared with the best scale's CFG once it is known
+        r = ev.evaluate(policy, compare=False, keep=True)  # compared with the best scale's CFG once it is known
         r["w"] = 1.0 if w is None else w
         r["_images"] = ev.last[1]
         records.append(r)
@@ -99,47 +100,11 @@ def plot_cosine(cos: np.ndarray, path: Path, best: float):
     save_figure(fig, path, dpi=110)
 
 
-def sample_grid(pipe, scorer, best: float, path: Path, device, seed: int, n_captions: int = 10, per_caption: int = 4):
+def sample_grid(pipe, scorer, best: float, path: Path, device, seed: int):
     """Held-out captions (two per category), conditional-only beside CFG at the best scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_category = n_captions // len(scenes.CATEGORIES)
-    caps = []  # the first distinct captions of each category in the seed's draw
-    for c in scenes.eval_captions(50 * n_captions, seed, "heldout"):
-        if c not in caps and sum(d.category == c.category for d in caps) < per_category:
-            caps.append(c)
-    caps = sorted(caps, key=lambda c: scenes.CATEGORIES.index(c.category))
-    n_captions = len(caps)
-    listed = [c for c in caps for _ in range(per_caption)]
-    ev = ShapesEvaluator(samples=len(listed), seed=seed, captions=listed, batch_size=500,
-                         device=device, progress=False, pipe=pipe, scorer=scorer)
-    runs = {}
-    for name, policy in (("conditional only", Policy.static(["cond"] * STEPS, 1.0)),
-                         (f"CFG w={best:g}", Policy.static(["cfg"] * STEPS, best))):
-        _, images, _ = ev.run(policy)
-        read = scorer.read(images)
-        runs[name] = (images, [scenes.satisfies(s, c) for s, c in zip(read, listed)])
-    fig, axes = plt.subplots(n_captions, 2 * per_caption + 1, figsize=(2 * per_caption * 0.9 + 3.4, n_captions * 0.95),
-                             gridspec_kw={"width_ratios": [0.9] * per_caption + [0.15] + [0.9] * per_caption})
-    for row, cap in enumerate(caps):
-        for block, (name, (images, ok)) in enumerate(runs.items()):
-            for k in range(per_caption):
-                ax = axes[row, k + block * (per_caption + 1)]
-                j = row * per_caption + k
-                ax.imshow(((images[j].permute(1, 2, 0).cpu().numpy() + 1) / 2).clip(0, 1), interpolation="nearest")
-                ax.set_xticks([]), ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("#2a2" if ok[j] else "#c22")
-                    spine.set_linewidth(2)
-                if row == 0 and k == 0:
-                    ax.set_title(name, loc="left", fontsize=9)
-        axes[row, per_caption].axis("off")
-        axes[row, 0].set_ylabel(cap.text, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("held-out captions, same noise; green frame: the scorer finds the caption satisfied", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    policies = {"conditional only": Policy.static(["cond"] * STEPS, 1.0),
+                f"CFG w={best:g}": Policy.static(["cfg"] * STEPS, best)}
+    shapes_bench.sample_grid(pipe, scorer, policies, path, device, seed, per_caption=4)
 
 
 def main(argv=None):

@@ -7,6 +7,7 @@ import torch
 from agsearch.baselines import make_baseline
 from agsearch.eval.digits import DigitsEvaluator
 from agsearch.eval.records import frechet_distance
+from agsearch.guidance.sampler import sample
 from agsearch.models.digits import benchmark_settings, load_classifier
 from agsearch.models.digits.data import (
     IMAGE_SHAPE,
@@ -44,9 +45,40 @@ def test_evaluator_same_noise_for_every_policy(random_unet):
     again = ev.evaluate(make_baseline("cfg", 5, 1.5))
     assert cfg.mse == 0 and again.mse == 0 and cfg.nfe == 10
     other = DigitsEvaluator(samples=20, seed=2, progress=False, unet=random_unet)
-    assert not torch.equal(ev.noise, other.noise)
+    rows = torch.arange(20)
+    assert not torch.equal(ev.noise(rows), other.noise(rows))
     with pytest.raises(ValueError, match="at least 2"):
         DigitsEvaluator(samples=1, unet=random_unet)
+
+
+def test_streamed_scores_do_not_depend_on_the_batch_size(random_unet):
+    policies = [make_baseline("cutoff", 5, 1.5, fraction=0.4), make_baseline("cfg", 5, 1.5),
+                make_baseline("ag", 5, 1.5, threshold=0.9)]
+    whole = DigitsEvaluator(samples=20, seed=1, progress=False, unet=random_unet).records(policies)
+    batched = DigitsEvaluator(samples=20, seed=1, batch_size=7, progress=False, unet=random_unet).records(policies)
+    for a, b in zip(whole, batched):
+        assert a["name"] == b["name"] and a["nfe"] == b["nfe"] and a["accuracy"] == b["accuracy"]
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-5, abs=1e-9) and a["fd"] == pytest.approx(b["fd"], rel=1e-4)
+    assert whole[1]["mse"] == 0 and whole[0]["mse"] > 0
+
+
+def test_full_cfg_runs_once_per_batch_and_is_not_kept_past_the_cache_limit(random_unet, monkeypatch):
+    """Memory does not grow with the samples: above REFERENCE_CACHE_BYTES nothing is kept between
+    calls and each call samples its reference again; within one call full CFG runs once."""
+    import agsearch.eval.base as base
+
+    ev = DigitsEvaluator(samples=12, seed=1, batch_size=5, progress=False, unet=random_unet)
+    cutoff = make_baseline("cutoff", 5, 1.5, fraction=0.4)  # 7 NFE of 10
+    calls = []
+    monkeypatch.setattr(base, "sample", lambda *a, **k: calls.append(a[2].label()) or sample(*a, **k))
+    first = ev.records([cutoff, make_baseline("cfg", 5, 1.5)])
+    assert len(calls) == 2 * 3 and ev._references  # 3 batches of both policies; full CFG is the reference
+    monkeypatch.setattr(base, "REFERENCE_CACHE_BYTES", 0)
+    fresh = DigitsEvaluator(samples=12, seed=1, batch_size=5, progress=False, unet=random_unet)
+    calls.clear()
+    again = fresh.record(cutoff)
+    assert len(calls) == 2 * 3 and not fresh._references and again["mse"] == pytest.approx(first[0]["mse"])
+    assert fresh.full_cfg_cosines[(5, 1.5)][0].shape == (5, 12)
 
 
 def test_quick_benchmark_writes_table_and_figures(tmp_path):

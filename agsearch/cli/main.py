@@ -60,7 +60,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-MAX_SAMPLES = MAX_SIZE  # per evaluation: the noise, samples and reference are held in memory
+MAX_SAMPLES = MAX_SIZE  # per evaluation: it streams, so this bounds the run's length, not its memory
 MAX_IMAGE_SIDE = 4096
 
 
@@ -249,11 +249,9 @@ def cmd_eval(args) -> int:
     evaluator = evaluator_for(args.model, samples=args.samples, seed=args.seed, scheduler=args.scheduler,
                               batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                               captions=args.captions)
-    records = []
-    for path, policy in zip(args.policy, policies):
-        record = evaluator.record(policy)
+    records = evaluator.records(policies)  # one pass over the samples: full CFG once per batch
+    for path, record in zip(args.policy, records):
         record.update(policy_file=str(path), seed=args.seed, scheduler=args.scheduler)
-        records.append(record)
     print(format_table(records, markdown=args.markdown))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
@@ -262,12 +260,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    _check_model(args.model)
+    args.out_dir = args.out_dir or Path("results/shapes" if args.model == "shapes" else "results")
+    _check_out(args.out_dir / "benchmark.md")
+    if args.model == "shapes":
+        from agsearch.eval.shapes_bench import run_shapes_benchmark
+
+        if args.merge or args.records:
+            raise UserError("--merge and --records are options of the digits benchmark; "
+                            "pass the policies to add with --policy")
+        run_shapes_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
+                             batch_size=min(args.batch_size, 500), device=args.device,
+                             progress=not args.no_progress, quick=args.quick, policies=args.policy,
+                             families=args.families)
+        return 0
     from agsearch.eval.bench import run_benchmark
 
-    _check_model(args.model)
-    if args.model != "digits":  # never run another model's benchmark silently
-        raise UserError(f"agsearch bench has the digits benchmark only so far, not --model {args.model} "
-                        f"(compare policies on it with agsearch eval --model {args.model})")
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                   quick=args.quick, policies=args.policy, families=args.families, merge=args.merge,
@@ -432,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark every baseline into a markdown table and plots",
                        description="Evaluate full CFG, cond, cutoff and interval sweeps, alternating "
-                                   "and AG at several thresholds; write benchmark.md/.json and PNG fronts.")
-    p.add_argument("--model", default="digits", help="built-in model (digits)")
-    p.add_argument("--out-dir", type=Path, default=Path("results"))
+                                   "and AG at several thresholds; write benchmark.md/.json and PNG fronts "
+                                   "(shapes: on training and on held-out captions, with a sample grid).")
+    p.add_argument("--model", default="digits",
+                   help="built-in model: digits (one table) or shapes (training and held-out captions)")
+    p.add_argument("--out-dir", type=Path, default=None, help="default results/ (digits), results/shapes/ (shapes)")
     p.add_argument("--samples", type=_samples, default=1000)
     p.add_argument("--seed", type=_seed, default=1)
     p.add_argument("--batch-size", type=_samples, default=1000)

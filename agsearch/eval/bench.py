@@ -22,6 +22,7 @@ from agsearch.baselines import make_baseline
 from agsearch.eval import evaluator_for
 from agsearch.eval.records import format_table
 from agsearch.io import atomic_write_bytes, atomic_write_text
+from agsearch.policy import Policy
 
 CUTOFF_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24)
 INTERVAL_WINDOWS = ((1, 8), (2, 8), (1, 12), (2, 12), (4, 12), (1, 16), (2, 16), (4, 16), (2, 20), (4, 20), (6, 20), (4, 24))
@@ -31,8 +32,10 @@ AFFINE_CUTOFF_STEPS = (0, 1, 3, 5)  # CFG steps before affine CFG takes over (Li
 LINEAR_AG_FRACTIONS = (0.5,)  # CFG/affine alternate over this share of the steps
 
 
-def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: bool = False):
-    """(family, policy) pairs: the baselines a user would otherwise pick by hand."""
+def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: bool = False,
+                    builtin_affine: bool = True):
+    """(family, policy) pairs: the baselines a user would otherwise pick by hand (with
+    ``builtin_affine``, LinearAG with the digits model's shipped coefficients where they fit)."""
     suite = [("cfg", make_baseline("cfg", steps, scale)), ("cond", make_baseline("cond", steps, scale)),
              ("alternating", make_baseline("alternating", steps, scale))]
     cutoffs = (4, 12) if quick else CUTOFF_STEPS
@@ -45,7 +48,7 @@ def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: b
     suite += [("ag-x0", make_baseline("ag", steps, scale, threshold=g)) for g in thresholds]
     if not quick:
         suite += [("ag-eps", make_baseline("ag", steps, scale, threshold=g, space="eps")) for g in AG_EPS]
-    affine = _builtin_affine(steps, scale)
+    affine = _builtin_affine(steps, scale) if builtin_affine else None
     if affine is not None:  # LinearAG with the shipped coefficients (agsearch fit-affine)
         for f in ((0.5,) if quick else LINEAR_AG_FRACTIONS):
             suite.append(("linear-ag", make_baseline("linear-ag", steps, scale, fraction=f, affine=affine)))
@@ -164,8 +167,6 @@ def _previous(path: Path, settings: dict, samples: int, seed: int) -> dict:
 def _eval_records(path: Path, settings: dict, samples: int, seed: int) -> list[dict]:
     """Records of ``agsearch eval --json``, checked against the benchmark protocol; each gets the
     family of its policy's baseline (``linear-ag``, ``affine-cutoff``, ...) or ``policy file``."""
-    from agsearch.policy import Policy
-
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -199,8 +200,6 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     seed; the table and figures are redrawn from the merged records, and both commands are kept.
     ``records_files`` (with ``merge``) adds the records of ``agsearch eval --json`` runs made with
     the same samples, seed and scheduler, so policies evaluated there are not sampled again."""
-    from tqdm.auto import tqdm
-
     from agsearch.models.digits import benchmark_settings
 
     settings = benchmark_settings()
@@ -221,18 +220,17 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         raise ValueError("--records adds evaluated policies to an existing table: it needs --merge")
     imported = [r for path in records_files for r in _eval_records(Path(path), settings, samples, seed)]
     if policies:
-        from agsearch.policy import Policy
-
         suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
-    records = []
-    for family, policy in tqdm(suite, desc="benchmark", unit="policy", disable=not progress):
-        record = evaluator.record(policy)
+    records = evaluator.records([policy for _, policy in suite])  # one pass: full CFG once per batch
+    for (family, policy), record in zip(suite, records):
         record["family"] = family
         if policy.rule is not None:
             record["threshold"] = policy.rule["threshold"]
-        records.append(record)
     records += imported
-    full = evaluator.reference(steps, scale)  # the suite's full-CFG run, cached: its cosines
+    cosines = evaluator.full_cfg_cosines.get((steps, float(scale)))  # γ_t of full CFG's first samples
+    if cosines is None:  # full CFG did not run (only imported records): for the plot
+        cosines = evaluator.tallies([Policy.static(["cfg"] * steps, scale)], compare=False)[0].cosine()
+    cosine_x0, cosine_eps = cosines
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
@@ -246,9 +244,9 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     title = (f"built-in digits model, {settings['scheduler'].upper()} {steps} steps, w = {scale:g}, "
              f"{samples} samples, seed {seed}")
     plot_fronts(records, out_dir / "fronts.png", title)
-    plot_cosine(full.cosine_x0, full.cosine_eps, out_dir / "cosine.png", title)
-    mean_x0 = full.cosine_x0.nanmean(dim=1)
-    mean_eps = full.cosine_eps.nanmean(dim=1)
+    plot_cosine(cosine_x0, cosine_eps, out_dir / "cosine.png", title)
+    mean_x0 = cosine_x0.nanmean(dim=1)
+    mean_eps = cosine_eps.nanmean(dim=1)
     seconds = sum(r["seconds"] for r in records)
     sampled = sum(r["samples"] for r in records)
     md = [

@@ -92,12 +92,16 @@ class ClipScorer:
         text = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(device)), dim=-1)  # (N, D)
         return 100 * (image * text).sum(-1).clamp(min=0)
 
+    def fd_metric(self):
+        """A torchmetrics Fréchet distance in CLIP image features, updated with images in [0, 1] batch by batch."""
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        return FrechetInceptionDistance(feature=self.features, normalize=True)
+
     @torch.no_grad()
     def frechet_distance(self, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 64) -> float:
         """Fréchet distance between two image sets (N, 3, H, W) in [0, 1], in CLIP image features."""
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        metric = FrechetInceptionDistance(feature=self.features, normalize=True)
+        metric = self.fd_metric()
         for images, is_real in ((real, True), (fake, False)):
             for chunk in images.split(batch_size):
                 metric.update(chunk.float().cpu(), real=is_real)

@@ -21,9 +21,8 @@ import torch
 
 from agsearch.denoisers.class_conditional import ClassConditionalDenoiser
 from agsearch.diffusers.schedulers import make_scheduler
-from agsearch.eval.base import Evaluator, check_size
-from agsearch.eval.records import EvalRecord, feature_stats, frechet_distance, mse_psnr
-from agsearch.guidance.sampler import SampleOutput
+from agsearch.eval.base import Evaluator, Quality, Tally, check_size
+from agsearch.eval.records import EvalRecord, FeatureMoments, feature_stats, frechet_distance
 from agsearch.models.digits.data import (
     IMAGE_SHAPE,
     NULL_CLASS,
@@ -31,7 +30,7 @@ from agsearch.models.digits.data import (
     load_digits_tensors,
 )
 from agsearch.policy import Policy
-from agsearch.seeds import EVAL_SEED, make_noise, sample_seeds
+from agsearch.seeds import EVAL_SEED
 
 
 def balanced_labels(n: int, device="cpu") -> torch.Tensor:
@@ -78,37 +77,45 @@ class DigitsEvaluator(Evaluator):
         self.classifier = self.scorer.classifier
         self.scheduler = make_scheduler(scheduler, SCHEDULER_CONFIG)
         self.scheduler_name = scheduler
-        self.noise = make_noise(sample_seeds(seed, samples), IMAGE_SHAPE, device=self.device)
-        self.labels = balanced_labels(samples, self.device)
+        self.samples, self.seed, self.noise_shape = samples, seed, IMAGE_SHAPE
         self.batch_size = batch_size
         self.progress = progress
 
     def condition(self, rows):
-        return self.labels[rows]
+        return rows % NUM_CLASSES  # balanced_labels
 
-    def reference(self, num_inference_steps: int, guidance_scale: float) -> SampleOutput:
-        """Full CFG from the evaluation noise (cached per step count and scale), with its cosines."""
-        return self.full_cfg(num_inference_steps, guidance_scale)[0]
+    def quality(self) -> Quality:
+        return _DigitsQuality(self)
 
-    def score(self, samples: torch.Tensor) -> tuple[float, float]:
-        """(class accuracy, Fréchet distance to the real digits) of samples in [-1, 1]."""
-        return self.scorer.score(samples, self.labels[: len(samples)])
+    def make_record(self, tally: Tally) -> dict:
+        return EvalRecord(
+            name=tally.policy.label(),
+            nfe=round(tally.nfe, 4),
+            mse=tally.mse,
+            psnr=tally.psnr,
+            seconds=round(tally.seconds, 3),
+            samples=tally.samples,
+            policy_nfe=tally.policy.nfe,
+            **tally.quality.result(),
+        ).as_dict()
 
     def evaluate(self, policy: Policy) -> EvalRecord:
-        out, _, seconds, ref = self.sample_and_compare(policy)
-        mse, psnr = mse_psnr(out.samples, ref)
-        accuracy, fd = self.score(out.samples)
-        return EvalRecord(
-            name=policy.label(),
-            nfe=round(out.nfe.mean().item(), 4),
-            accuracy=accuracy,
-            mse=mse,
-            psnr=psnr,
-            fd=fd,
-            seconds=round(seconds, 3),
-            samples=len(out.samples),
-            policy_nfe=policy.nfe,
-        )
+        return EvalRecord(**self.record(policy))
 
-    def record(self, policy: Policy) -> dict:
-        return self.evaluate(policy).as_dict()
+
+class _DigitsQuality(Quality):
+    """Class accuracy and the moments of the classifier's features, batch by batch."""
+
+    def __init__(self, evaluator: DigitsEvaluator):
+        self.evaluator, self.correct, self.n, self.moments = evaluator, 0, 0, FeatureMoments()
+
+    def add(self, images, rows, reference):
+        classifier = self.evaluator.classifier
+        feats = classifier.features(images)
+        self.correct += int((classifier.head(feats).argmax(1) == self.evaluator.condition(rows)).sum())
+        self.n += len(rows)
+        self.moments.add(feats)
+
+    def result(self) -> dict:
+        return {"accuracy": self.correct / self.n,
+                "fd": frechet_distance(*self.moments.stats(), *self.evaluator.scorer.real_stats)}

@@ -34,6 +34,29 @@ def feature_stats(features: torch.Tensor):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+class FeatureMoments:
+    """Running mean and covariance of features added batch by batch (float64, shifted by the first
+    batch's mean for accuracy): :meth:`stats` equals :func:`feature_stats` of all of them at once."""
+
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2 = 0, None, None, None
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.double().cpu().numpy()
+        if self.shift is None:
+            self.shift = f.mean(0)
+            self.s1, self.s2 = np.zeros_like(self.shift), np.zeros((len(self.shift), len(self.shift)))
+        d = f - self.shift
+        self.n += len(f)
+        self.s1 += d.sum(0)
+        self.s2 += d.T @ d
+
+    def stats(self):
+        """(mean, covariance with n − 1, as ``np.cov``)."""
+        mean = self.s1 / self.n
+        return self.shift + mean, (self.s2 - self.n * np.outer(mean, mean)) / (self.n - 1)
+
+
 @dataclass
 class EvalRecord:
     name: str

@@ -27,12 +27,12 @@ import torch
 
 from agsearch.denoisers.text import TextCondition, UNetTextDenoiser
 from agsearch.diffusers.schedulers import make_scheduler
-from agsearch.eval.base import Evaluator, check_size
-from agsearch.eval.records import feature_stats, frechet_distance, mse_psnr
+from agsearch.eval.base import Evaluator, Quality, Tally, check_size
+from agsearch.eval.records import FeatureMoments, frechet_distance
 from agsearch.io import read_text_file
 from agsearch.models.shapes import scenes
 from agsearch.policy import Policy
-from agsearch.seeds import EVAL_SEED, make_noise, sample_seeds
+from agsearch.seeds import EVAL_SEED
 
 SPLITS = ("heldout", "train")
 
@@ -83,22 +83,23 @@ class ShapesEvaluator(Evaluator):
         self.denoiser = UNetTextDenoiser(self.pipe.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
         self.scheduler = make_scheduler(scheduler, dict(self.pipe.scheduler.config))
         self.scheduler_name = scheduler
-        self.seed = seed
+        self.samples, self.seed = samples, seed
         unet = self.pipe.unet.config
-        latent_shape = (unet.in_channels, unet.sample_size, unet.sample_size)  # the pipeline's default size
-        self.noise = make_noise(sample_seeds(seed, samples), shape=latent_shape, device=self.device)
-        texts = [c.text for c in self.captions]
-        self.cond = TextCondition.from_pipeline(self.pipe, texts, [""] * len(texts))
+        self.noise_shape = (unet.in_channels, unet.sample_size, unet.sample_size)  # the pipeline's default size
         self.batch_size = batch_size
         self.progress = progress
 
     @cached_property
     def real_stats(self):
-        """Scorer-feature statistics of renders of the evaluation's captions (their own scenes)."""
+        """Scorer-feature statistics of renders of the evaluation's captions (their own scenes),
+        rendered and featurised batch by batch."""
         rng = np.random.default_rng([self.seed, 11])
-        images = scenes.to_tensor(scenes.render_batch([scenes.sample_scene(c, rng) for c in self.captions]))
-        with torch.no_grad():
-            return feature_stats(self.scorer.features(images.to(self.device)))
+        moments = FeatureMoments()
+        for lo in range(0, self.samples, self.batch_size):
+            chunk = [scenes.sample_scene(c, rng) for c in self.captions[lo:lo + self.batch_size]]
+            with torch.no_grad():
+                moments.add(self.scorer.features(scenes.to_tensor(scenes.render_batch(chunk)).to(self.device)))
+        return moments.stats()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -107,46 +108,56 @@ class ShapesEvaluator(Evaluator):
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1)
 
     def condition(self, rows):
-        return self.cond[rows]
+        """The captions of ``rows`` encoded by the pipeline's text encoder; the empty prompt unconditional."""
+        texts = [self.captions[int(i)].text for i in rows]
+        return TextCondition.from_pipeline(self.pipe, texts, [""] * len(texts))
 
     def images(self, samples: torch.Tensor) -> torch.Tensor:
         return self.decode(samples)
 
-    def reference(self, num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
-        """Full-CFG images from the evaluation noise (cached per step count and scale)."""
-        return self.full_cfg(num_inference_steps, guidance_scale)[1]
+    def quality(self) -> Quality:
+        return _ShapesQuality(self)
 
-    @torch.no_grad()
-    def score(self, images: torch.Tensor) -> dict:
-        """Adherence (overall and per category) and FD of images in [-1, 1] against real renders."""
-        feats = self.scorer.features(images.to(self.device))
-        read = self.scorer.decode(*self.scorer.heads(feats))
-        ok = np.array([scenes.satisfies(scene, cap) for scene, cap in zip(read, self.captions)])
-        cats = np.array([c.category for c in self.captions])
-        out = {"adherence": float(ok.mean())}
-        for cat in scenes.CATEGORIES:
-            if (cats == cat).any():
-                out[f"adherence_{cat}"] = float(ok[cats == cat].mean())
-        out["fd"] = frechet_distance(*feature_stats(feats), *self.real_stats)
-        return out
+    def make_record(self, tally: Tally) -> dict:
+        policy = tally.policy
+        return dict(name=policy.label(), nfe=round(tally.nfe, 4), **tally.quality.result(), mse=tally.mse,
+                    psnr=tally.psnr, seconds=round(tally.seconds, 3), samples=tally.samples, policy_nfe=policy.nfe,
+                    guidance_scale=policy.guidance_scale, captions=self.caption_set, scheduler=self.scheduler_name)
 
-    def evaluate(self, policy: Policy, compare: bool = True) -> dict:
+    def evaluate(self, policy: Policy, compare: bool = True, keep: bool = False) -> dict:
         """One record: name, nfe, adherence (+ per category), fd, mse, psnr, seconds, samples, …
 
-        ``compare=False`` skips the full-CFG reference (``mse`` and ``psnr`` are then None). The
-        sampler outputs and images stay in ``self.last`` (the calibration plots their cosines)."""
-        mse = psnr = None
-        if compare:
-            out, images, seconds, reference = self.sample_and_compare(policy)
-            mse, psnr = mse_psnr(images, reference)
-        else:
-            out, images, seconds = self.run_policy(policy)
-        record = dict(name=policy.label(), nfe=round(out.nfe.mean().item(), 4), **self.score(images), mse=mse,
-                      psnr=psnr, seconds=round(seconds, 3),
-                      samples=len(images), policy_nfe=policy.nfe, guidance_scale=policy.guidance_scale,
-                      captions=self.caption_set, scheduler=self.scheduler_name)
-        self.last = (out, images)
-        return record
+        ``compare=False`` skips the full-CFG reference (``mse`` and ``psnr`` are then None).
+        ``keep=True`` keeps every sample's sampler outputs and images in ``self.last`` (the
+        calibration plots their cosines); memory then grows with the samples."""
+        tally = self.tallies([policy], compare, keep)[0]
+        if keep:
+            self.last = tally.output()
+        return self.make_record(tally)
 
-    def record(self, policy: Policy) -> dict:
-        return self.evaluate(policy)
+
+class _ShapesQuality(Quality):
+    """Adherence counts per category and the moments of the scorer's features, batch by batch."""
+
+    def __init__(self, evaluator: ShapesEvaluator):
+        self.evaluator, self.moments = evaluator, FeatureMoments()
+        self.satisfied = {c: 0 for c in scenes.CATEGORIES}
+        self.seen = {c: 0 for c in scenes.CATEGORIES}
+
+    def add(self, images, rows, reference):
+        ev = self.evaluator
+        feats = ev.scorer.features(images.to(ev.device))
+        read = ev.scorer.decode(*ev.scorer.heads(feats))
+        for scene, i in zip(read, rows.tolist()):
+            caption = ev.captions[i]
+            self.seen[caption.category] += 1
+            self.satisfied[caption.category] += bool(scenes.satisfies(scene, caption))
+        self.moments.add(feats)
+
+    def result(self) -> dict:
+        out = {"adherence": sum(self.satisfied.values()) / sum(self.seen.values())}
+        for cat in scenes.CATEGORIES:
+            if self.seen[cat]:
+                out[f"adherence_{cat}"] = self.satisfied[cat] / self.seen[cat]
+        out["fd"] = frechet_distance(*self.moments.stats(), *self.evaluator.real_stats)
+        return out

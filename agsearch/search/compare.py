@@ -61,8 +61,8 @@ def compare_with_baselines(evaluator, module, policy: Policy, baselines: bool = 
     same calibration pairs; for a static one, the cutoff and, with ``intervals``, the best of every
     guidance interval at the same NFE."""
     T, w = module.num_inference_steps, module.guidance_scale
-    records = [{**evaluator.record(Policy.static(["cfg"] * T, w, name="full CFG")), "role": "teacher"},
-               {**evaluator.record(policy), "role": "searched"}]
+    teacher, searched = evaluator.records([Policy.static(["cfg"] * T, w, name="full CFG"), policy])
+    records = [{**teacher, "role": "teacher"}, {**searched, "role": "searched"}]
     if not baselines:
         return records
     if policy.kind == "adaptive":

@@ -1,0 +1,223 @@
+"""The benchmark on the built-in shapes text-to-image model: two tables, fronts, cosines, a sample grid.
+
+    agsearch bench --model shapes                      # results/shapes/, ≈ 40 policies × 2 caption sets
+    agsearch bench --model shapes --policy P.json ...  # also searched policies (family "policy file")
+
+Protocol: the model's benchmark settings (DDIM, 25 steps, the calibrated best scale,
+``agsearch/models/shapes/weights/shapes_benchmark.json``), ``--samples`` held-out seeds (evaluation seed 1; the
+search draws seed 0), the same noise for every policy, once on **training captions** and once on
+**held-out captions** (combinations no training caption holds). Each caption set is one streamed
+pass: per batch full CFG once, then every policy. Writes into ``out_dir``:
+
+- ``benchmark.md`` / ``benchmark.json``: one table per caption set — NFE, adherence overall and
+  per category, FD, MSE and PSNR to full CFG, seconds;
+- ``fronts.png``: adherence–NFE and MSE–NFE, both caption sets;
+- ``cosine.png``: γ_t under full CFG on held-out captions, x̂₀ and ε space;
+- ``grid.png``: the same held-out captions and noise under full CFG, conditional-only, the cutoff
+  at 35 NFE and the policy file closest to 35 NFE (when one is given).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from agsearch.eval.bench import benchmark_suite, plot_cosine, save_figure
+from agsearch.eval.records import format_table
+from agsearch.io import atomic_write_text
+from agsearch.policy import Policy
+
+SPLITS = ("train", "heldout")
+SPLIT_TITLES = {"train": "training captions", "heldout": "held-out captions"}
+GRID_NFE = 35
+STYLES = {"cutoff": "o-", "interval": "s", "ag-x0": "^-", "ag-eps": "v-", "alternating": "D", "cfg": "*",
+          "cond": "X", "linear-ag": "P-", "affine-cutoff": "h-", "policy file": "d"}
+
+
+def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 500,
+                         device: str = "cpu", progress: bool = True, quick: bool = False,
+                         policies: list[Path] = (), families: list[str] | None = None,
+                         splits: tuple[str, ...] = SPLITS) -> dict[str, list[dict]]:
+    """Every baseline (and each policy file, as family ``policy file``) on ``samples`` evaluation
+    noises per caption set; writes the tables, JSON and figures; returns the records per set."""
+    from agsearch.eval.shapes import ShapesEvaluator
+    from agsearch.models.shapes import benchmark_settings, load_pipeline, load_scorer
+
+    settings = benchmark_settings()
+    steps, scale = settings["num_inference_steps"], float(settings["guidance_scale"])
+    suite = benchmark_suite(steps, scale, None, quick=quick, builtin_affine=False)  # LinearAG: pass fit-affine's policy files
+    known = sorted({f for f, _ in suite} | {"policy file"})
+    if families:
+        unknown = [f for f in families if f not in known]
+        if unknown:
+            raise ValueError(f"unknown benchmark family {unknown[0]!r}; expected one of {', '.join(known)}")
+        suite = [(f, p) for f, p in suite if f in families]
+    suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
+    if not any(p.kind == "static" and all(s == {"op": "cfg"} for s in p.steps) for _, p in suite):
+        suite.insert(0, ("cfg", Policy.static(["cfg"] * steps, scale, name="cfg")))  # the tables' reference row
+    pipe, scorer = load_pipeline(device=device), load_scorer().to(device)
+    records, cosines = {}, {}
+    for split in splits:
+        evaluator = ShapesEvaluator(samples=samples, seed=seed, captions=split, scheduler=settings["scheduler"],
+                                    batch_size=batch_size, device=device, progress=progress, pipe=pipe, scorer=scorer)
+        rows = evaluator.records([p for _, p in suite])
+        for (family, policy), record in zip(suite, rows):
+            record["family"] = family
+            if policy.rule is not None:
+                record["threshold"] = policy.rule["threshold"]
+        records[split] = rows
+        cosines[split] = evaluator.full_cfg_cosines[(steps, scale)]
+
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
+    command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
+    title = (f"built-in shapes model, {settings['scheduler'].upper()} {steps} steps, w = {scale:g}, "
+             f"{samples} samples per caption set, seed {seed}")
+    out_dir = Path(out_dir)
+    plot_fronts(records, out_dir / "fronts.png", title)
+    last = "heldout" if "heldout" in cosines else splits[-1]
+    plot_cosine(*cosines[last], out_dir / "cosine.png", f"{title}; {SPLIT_TITLES[last]}")
+    grid = grid_policies(suite, steps, scale)
+    sample_grid(pipe, scorer, grid, out_dir / "grid.png", device, seed)
+    md = ["# Benchmark on the built-in shapes text-to-image model", "",
+          f"Produced by `{command}` ({title}). Every policy sees the same noise and captions; MSE and PSNR are",
+          "against full CFG from that noise (decoded images in [-1, 1]); adherence is the share of samples whose",
+          "caption the exact scorer finds fully satisfied; FD is the Fréchet distance of scorer features against",
+          "renders of the same captions.", ""]
+    for split, rows in records.items():
+        md += _key_rows(rows, SPLIT_TITLES[split])
+    md += ["", "![adherence and MSE against NFE](fronts.png)", "",
+           f"![samples: {', '.join(grid)}](grid.png)", ""]
+    order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff",
+             "policy file"]
+    for split, rows in records.items():
+        md += [f"## {SPLIT_TITLES[split].capitalize()}", ""]
+        for family in order:
+            chosen = sorted((r for r in rows if r["family"] == family), key=lambda r: -r["nfe"])
+            if chosen:
+                md += [f"### {family}", "", format_table(chosen), ""]
+    atomic_write_text(out_dir / "benchmark.md", "\n".join(md))
+    atomic_write_text(out_dir / "benchmark.json", json.dumps(
+        {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records},
+        indent=2) + "\n")
+    for split, rows in records.items():
+        print(f"{SPLIT_TITLES[split]}:\n{format_table(rows, markdown=False)}\n")
+    print(f"wrote {out_dir / 'benchmark.md'}, benchmark.json, fronts.png, cosine.png, grid.png")
+    return records
+
+
+def _key_rows(rows: list[dict], what: str) -> list[str]:
+    """The lines a reader looks for first: CFG against cond, and what the cheap policies keep."""
+    cfg = next(r for r in rows if r["family"] == "cfg")
+    cond = next((r for r in rows if r["family"] == "cond"), None)
+    line = f"- **{what}**: full CFG {cfg['nfe']:.0f} NFE, adherence {100 * cfg['adherence']:.1f}%, FD {cfg['fd']:.1f}"
+    if cond is not None:
+        line += (f"; conditional only {100 * cond['adherence']:.1f}% "
+                 f"({100 * (cond['adherence'] - cfg['adherence']):+.1f} points)")
+    lines = [line + "."]
+    for family in ("cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff", "policy file"):
+        within = [r for r in rows if r["family"] == family and r["adherence"] >= cfg["adherence"] - 0.01]
+        if within:
+            best = min(within, key=lambda r: r["nfe"])
+            saving = 100 * (1 - best["nfe"] / cfg["nfe"])
+            lines.append(f"  - cheapest {family} within 1 point of full CFG: {best['name']} at {best['nfe']:.1f} NFE "
+                         f"({saving:.0f}% saved), adherence {100 * best['adherence']:.1f}%.")
+    return lines
+
+
+def plot_fronts(records: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Adherence against NFE and MSE against NFE, one column per caption set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(records), figsize=(5.6 * len(records), 8), squeeze=False)
+    for col, (split, rows) in enumerate(records.items()):
+        top, bottom = axes[0, col], axes[1, col]
+        for family, style in STYLES.items():
+            chosen = sorted((r for r in rows if r["family"] == family), key=lambda r: r["nfe"])
+            if not chosen:
+                continue
+            nfe, size = [r["nfe"] for r in chosen], 12 if "*" in style else 6
+            top.plot(nfe, [100 * r["adherence"] for r in chosen], style, label=family, ms=size)
+            compared = [r for r in chosen if r["mse"]]  # full CFG itself (MSE 0) has no place on a log axis
+            bottom.plot([r["nfe"] for r in compared], [r["mse"] for r in compared], style, label=family, ms=size)
+        top.set_title(SPLIT_TITLES[split], fontsize=10)
+        top.set_ylabel("prompt adherence (%)")
+        bottom.set_ylabel("MSE to full CFG (same noise)")
+        bottom.set_yscale("log")
+        for ax in (top, bottom):
+            ax.set_xlabel("mean NFE per sample")
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def grid_policies(suite, steps: int, scale: float) -> dict[str, Policy]:
+    """The grid's columns: full CFG, conditional only, the cutoff at 35 NFE (of 2·25) and the policy
+    file nearest 35 NFE (static ones by their NFE; adaptive ones are left out: their NFE is known
+    only after sampling)."""
+    from agsearch.baselines import make_baseline
+
+    k = round(steps * (GRID_NFE / 50 * 2 - 1))  # 10 of 25 steps: 35 NFE of 50
+    columns = {"full CFG": Policy.static(["cfg"] * steps, scale), "conditional only": Policy.static(["cond"] * steps, scale),
+               f"cutoff {k}/{steps} ({steps + k} NFE)": make_baseline("cutoff", steps, scale, fraction=k / steps)}
+    files = [p for family, p in suite if family == "policy file" and p.nfe is not None]
+    if files:
+        best = min(files, key=lambda p: abs(p.nfe - (steps + k)))
+        columns[f"{best.label()} ({best.nfe} NFE)"] = best
+    return columns
+
+
+def sample_grid(pipe, scorer, policies: dict[str, Policy], path: Path, device, seed: int, n_captions: int = 10,
+                per_caption: int = 3, split: str = "heldout") -> None:
+    """``n_captions`` captions of ``split`` (two per category), ``per_caption`` noises each, under each
+    policy: the same captions and noise in every block; a green frame where the scorer finds the
+    caption satisfied, red where not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from agsearch.eval.shapes import ShapesEvaluator
+    from agsearch.models.shapes import scenes
+
+    per_category = max(1, n_captions // len(scenes.CATEGORIES))
+    caps = []  # the first distinct captions of each category in the seed's draw
+    for c in scenes.eval_captions(50 * n_captions, seed, split):
+        if c not in caps and sum(d.category == c.category for d in caps) < per_category:
+            caps.append(c)
+    caps = sorted(caps, key=lambda c: scenes.CATEGORIES.index(c.category))
+    listed = [c for c in caps for _ in range(per_caption)]
+    ev = ShapesEvaluator(samples=len(listed), seed=seed, captions=listed, batch_size=500, device=device,
+                         progress=False, pipe=pipe, scorer=scorer)
+    runs = {}
+    for name, policy in policies.items():
+        _, images, _ = ev.run(policy)
+        runs[name] = (images, [scenes.satisfies(s, c) for s, c in zip(scorer.read(images), listed)])
+    width = per_caption * len(runs) + len(runs) - 1
+    ratios = ([0.9] * per_caption + [0.15]) * (len(runs) - 1) + [0.9] * per_caption
+    fig, axes = plt.subplots(len(caps), width, figsize=(0.9 * per_caption * len(runs) + 3.4, len(caps) * 0.95),
+                             gridspec_kw={"width_ratios": ratios}, squeeze=False)
+    for row, cap in enumerate(caps):
+        for block, (name, (images, ok)) in enumerate(runs.items()):
+            for k in range(per_caption):
+                ax = axes[row, k + block * (per_caption + 1)]
+                j = row * per_caption + k
+                ax.imshow(((images[j].permute(1, 2, 0).cpu().numpy() + 1) / 2).clip(0, 1), interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#2a2" if ok[j] else "#c22")
+                    spine.set_linewidth(2)
+                if row == 0 and k == 0:
+                    ax.set_title(name, loc="left", fontsize=8)
+            if block < len(runs) - 1:
+                axes[row, (block + 1) * (per_caption + 1) - 1].axis("off")
+        axes[row, 0].set_ylabel(cap.text, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{SPLIT_TITLES[split]}, same noise; green frame: the scorer finds the caption satisfied", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)

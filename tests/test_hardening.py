@@ -291,6 +291,15 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_or_a_checkpoint(tmp_p
         assert "removed" in lines[-1] and not runs.exists() if command == "cca" else not any(runs.glob("*"))
 
 
-def test_bench_never_runs_another_models_benchmark_silently(tmp_path, capsys):
-    refused(capsys, ["bench", "--model", "shapes", "--out-dir", str(tmp_path / "b")], "--model shapes")
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "nosuch"], "nosuch"),
+    (["--model", "shapes", "--merge"], "--merge and --records are options of the digits benchmark"),
+])
+def test_bench_refuses_what_it_cannot_run_before_any_work(tmp_path, capsys, argv, needle):
+    refused(capsys, ["bench", *argv, "--out-dir", str(tmp_path / "b")], needle)
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_into_a_folder_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    refused(capsys, ["bench", "--model", "shapes", "--out-dir", str(tmp_path / "file" / "b")], "is a file, not a folder")

@@ -193,6 +193,40 @@ def test_eval_records_on_a_few_samples(tmp_path, capsys):
     assert records[0]["mse"] == 0 and records[0]["psnr"] is None  # full CFG is its own reference
 
 
+def test_streamed_shapes_scores_do_not_depend_on_the_batch_size():
+    from agsearch.eval.shapes import ShapesEvaluator
+    from agsearch.models.shapes import load_pipeline, load_scorer
+
+    pipe, scorer = load_pipeline(), load_scorer()
+    policies = [Policy.static(["cfg"] * 4, 4.0), Policy.static(["cfg", "cond", "cond", "cond"], 4.0)]
+    whole, batched = (ShapesEvaluator(samples=10, seed=1, batch_size=b, progress=False, pipe=pipe, scorer=scorer)
+                      .records(policies) for b in (10, 3))
+    for a, b in zip(whole, batched):
+        assert a["adherence"] == b["adherence"] and a["nfe"] == b["nfe"]
+        assert all(a[f"adherence_{c}"] == b[f"adherence_{c}"] for c in scenes.CATEGORIES)
+        assert a["fd"] == pytest.approx(b["fd"], rel=1e-3) and a["mse"] == pytest.approx(b["mse"], rel=1e-3, abs=1e-9)
+
+
+def test_shapes_benchmark_writes_both_caption_tables_and_the_grid(tmp_path, capsys):
+    policy = tmp_path / "searched.json"
+    assert run(capsys, "baseline", "interval", "--model", "shapes", "--start", 0.04, "--stop", 0.44,
+               "--out", policy)[0] == 0  # a 35-NFE static policy standing in for a searched one
+    out = tmp_path / "bench"
+    code, stdout, _ = run(capsys, "bench", "--model", "shapes", "--quick", "--samples", 5, "--policy", policy,
+                          "--out-dir", out, "--no-progress")
+    assert code == 0 and "held-out captions" in stdout
+    assert {p.name for p in out.iterdir()} == {"benchmark.md", "benchmark.json", "fronts.png", "cosine.png", "grid.png"}
+    data = json.loads((out / "benchmark.json").read_text())
+    assert set(data["records"]) == {"train", "heldout"} and data["settings"]["num_inference_steps"] == 25
+    for split, records in data["records"].items():
+        assert {r["family"] for r in records} >= {"cfg", "cond", "cutoff", "ag-x0", "policy file"}
+        assert all(r["captions"] == split and r["samples"] == 5 for r in records)
+        assert next(r for r in records if r["family"] == "cfg")["mse"] == 0
+    md = (out / "benchmark.md").read_text()
+    assert "## Training captions" in md and "## Held-out captions" in md and "(35 NFE)" in md
+    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_eval_with_a_bad_caption_file_exits_2_and_writes_nothing(tmp_path, capsys):
     run(capsys, "baseline", "cfg", "--model", "shapes", "--out", tmp_path / "cfg.json")
     captions = tmp_path / "captions.txt"
@@ -225,3 +259,37 @@ def test_table_of_records_without_a_comparison():
     lines = format_table(rows).splitlines()
     assert lines[0].split(" | ")[1:4] == ["NFE", "adherence %", "single %"]
     assert "| - | - |" in lines[2] and "| 0.00000 | inf |" in lines[3]
+
+
+def tiny_shapes_search(tmp_path, *extra):
+    return ["search", "--model.space=minimal", "--model.num_inference_steps=4", "--model.budget=6",
+            "--data.num_pairs=4", "--data.batch_size=2", "--data.num_val=2", "--trainer.max_steps=2",
+            "--eval.samples=4", "--wandb.mode=disabled", "--progress=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}", *extra]
+
+
+def test_search_on_the_builtin_pipeline_scores_adherence_on_training_captions(tmp_path, capsys):
+    out = tmp_path / "policy.json"
+    code, stdout, err = run(capsys, *tiny_shapes_search(tmp_path, "--model.pipeline=builtin:shapes", f"--out={out}"))
+    assert code == 0, err
+    policy = Policy.load(out)
+    assert policy.nfe == 6 and policy.guidance_scale == 4.0  # the model's calibrated best scale
+    assert policy.provenance["model"] == "agsearch-shapes"
+    assert policy.provenance["pipeline"]["prompts"] == "1000 training captions drawn by seed 0"
+    assert policy.metrics["eval"]["captions"] == "train" and 0 <= policy.metrics["eval"]["adherence"] <= 1
+    assert "of the train captions" in stdout and "adherence %" in stdout and "cutoff-2/4" in stdout
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--model.pipeline=builtin:shapes", "--model.prompts={captions}"], "captions.txt:2: caption 'a purple dragon'"),
+    (["--model.model=shapes", "--model.pipeline={tmp}"], "model.model=shapes is the built-in pipeline"),
+    (["--model.model=shapes", "--model.space=linear_ag", "--model.num_inference_steps=25", "--model.budget=35"],
+     "which are the digits model's"),  # never another model's LinearAG coefficients
+])
+def test_a_refused_shapes_search_is_one_line_and_leaves_no_run(tmp_path, capsys, extra, needle):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na purple dragon\n")
+    argv = [a.format(captions=captions, tmp=tmp_path) for a in tiny_shapes_search(tmp_path, *extra)]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "runs").exists()

@@ -228,7 +228,8 @@ def describe(policy: Policy) -> str:
 
 def eval_metrics(record: dict, seed: int) -> dict:
     """The held-out metrics a policy file keeps, from an evaluation record."""
-    keys = ("nfe", "accuracy", "mse", "psnr", "fd", "clip_score", "clip_fd", "samples")  # a pipeline's records: no accuracy, PSNR, FD
+    keys = ("nfe", "accuracy", "adherence", *(k for k in record if k.startswith("adherence_")), "mse", "psnr", "fd",
+            "clip_score", "clip_fd", "captions", "samples")  # each model's records have some of these
     return {**{k: record[k] for k in keys if k in record}, "seed": seed}
 
 
@@ -270,6 +271,10 @@ def search_main(argv: list[str]) -> int:
         n, seed = records[0]["samples"], policy.metrics.get("eval", {}).get("seed")
         if "accuracy" in records[0]:
             print(f"held-out comparison, {n} samples (seed {seed}); `agsearch sweep` compares on 1000:")
+        elif "adherence" in records[0]:
+            print(f"held-out comparison, {n} samples (seed {seed}) of the {records[0]['captions']} captions; "
+                  "MSE and PSNR of the decoded images to full CFG; `agsearch bench --model shapes --policy` compares "
+                  "on both caption sets:")
         else:
             print(f"held-out comparison, {n} samples (seed {seed}); MSE of the final latents to full CFG:")
         print(format_table(records, markdown=False))

@@ -3,9 +3,10 @@ contract, a scheduler, per-sample seeded noise and the conditions pair i draws f
 (``num_conditions``; pair i uses condition i mod ``num_conditions``). Kept outside the
 LightningModule's submodules, so checkpoints hold the gates and never the model weights.
 
-Two backends: the built-in digits UNet (``model="digits"``, 10 class labels) and a local
+Three backends: the built-in digits UNet (``model="digits"``, 10 class labels), a local
 diffusers text-to-image pipeline folder with a prompt file (``TextPipelineBackend``: Stable
-Diffusion 1.x/2.x and 3; one condition per prompt).
+Diffusion 1.x/2.x and 3; one condition per prompt) and the built-in shapes pipeline on its
+training captions (``model="shapes"`` or ``pipeline="builtin:shapes"``, ``ShapesBackend``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from agsearch.diffusers.schedulers import make_scheduler
 from agsearch.models.digits.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
 from agsearch.seeds import make_noise
 
-MODELS = ("digits", "pipeline")  # "pipeline": the folder given as ``pipeline``
+MODELS = ("digits", "shapes", "pipeline")  # "pipeline": the folder given as ``pipeline``
 SEARCH_STEPS = 25  # T of a pipeline search unless given: a 25-step teacher costs 50 NFE per pair
 
 
@@ -128,16 +129,12 @@ class TextPipelineBackend:
             TextCondition,
             denoiser_for,
         )
-        from agsearch.diffusers.generate import (
-            load_pipeline,
-            pipeline_class,
-            read_prompts,
-        )
+        from agsearch.diffusers.generate import load_pipeline, pipeline_class
         from agsearch.models.shapes import pipeline_path
 
-        self.folder, self.prompt_file = pipeline_path(pipeline), Path(prompts)
+        self.folder = pipeline_path(pipeline)
         self.class_name = pipeline_class(pipeline)
-        self.prompts = read_prompts(prompts)
+        self.prompts = self.read_prompts(prompts)
         if scheduler is not None and self.class_name == "StableDiffusion3Pipeline":
             raise ValueError(f"model.scheduler={scheduler!r}: a flow-matching pipeline ({self.class_name}) "
                              "runs its own scheduler; leave model.scheduler unset")
@@ -152,6 +149,12 @@ class TextPipelineBackend:
         side = self.unet.config.sample_size  # the pipeline's default height // vae_scale_factor
         self.latent_shape = (self.unet.config.in_channels, side, side)
         self.num_conditions = len(self.prompts)
+
+    def read_prompts(self, prompts: str):
+        from agsearch.diffusers.generate import read_prompts
+
+        self.prompt_file = Path(prompts)
+        return read_prompts(prompts)
 
     def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool, clip=None):
         """Latent MSE to full CFG on held-out (noise, prompt) pairs of this pipeline and prompts;
@@ -191,9 +194,60 @@ class TextPipelineBackend:
                              "negative_prompts": sum(bool(p.negative_prompt) for p in self.prompts)}}
 
 
+class ShapesBackend(TextPipelineBackend):
+    """The built-in shapes text-to-image pipeline (``builtin:shapes``) on its training captions.
+
+    The search's prompts are ``SEARCH_CAPTIONS`` training captions drawn by the search seed, the
+    categories in turn (:func:`agsearch.models.shapes.scenes.eval_captions`), or a caption file of
+    the shapes grammar; the unconditional pass uses the empty prompt the model was trained to drop
+    captions to. Its evaluator is the shapes evaluator (prompt adherence overall and per category,
+    FD, MSE/PSNR of decoded images) on held-out seeds of the same caption set.
+    """
+
+    SEARCH_CAPTIONS = 1000
+
+    def __init__(self, scheduler: str | None = "ddim", captions: str | None = None):
+        self.caption_source = captions
+        self.scheduler_name = scheduler or "ddim"
+        super().__init__("builtin:shapes", captions, self.scheduler_name)
+
+    def read_prompts(self, captions: str | None):
+        from agsearch.diffusers.generate import Prompt
+        from agsearch.eval.shapes import read_captions
+        from agsearch.models.shapes import scenes
+        from agsearch.seeds import SEARCH_SEED
+
+        self.prompt_file = None if captions is None else Path(captions)
+        chosen = (scenes.eval_captions(self.SEARCH_CAPTIONS, SEARCH_SEED, "train") if captions is None
+                  else read_captions(captions))
+        return [Prompt(c.text) for c in chosen]
+
+    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool, clip=None):
+        """The shapes evaluator on held-out seeds of this search's captions (the training split, or
+        the caption file)."""
+        if clip is not None:
+            raise ValueError("eval.clip_weights applies to a pipeline folder's search; "
+                             "the shapes model is scored exactly (adherence, FD)")
+        from agsearch.eval.shapes import ShapesEvaluator
+        from agsearch.models.shapes import load_scorer
+
+        self.pipe.to(device)  # the evaluator encodes its captions batch by batch
+        return ShapesEvaluator(samples=samples, seed=seed, captions=self.caption_source or "train",
+                               scheduler=self.scheduler_name, batch_size=min(batch_size, 500), device=device,
+                               progress=progress, pipe=self.pipe, scorer=load_scorer())
+
+    def provenance(self) -> dict:
+        captions = (f"{self.SEARCH_CAPTIONS} training captions drawn by seed 0" if self.prompt_file is None
+                    else str(self.prompt_file.resolve()))
+        return {"model": "agsearch-shapes", "pipeline": {"folder": "builtin:shapes", "class": self.class_name,
+                                                          "prompts": captions, "num_prompts": len(self.prompts)}}
+
+
 def load_backend(model: str, scheduler: str | None, pipeline: str | None = None, prompts: str | None = None):
     if model == "digits":
         return DigitsBackend(scheduler)
+    if model == "shapes":
+        return ShapesBackend(scheduler, prompts)
     if model == "pipeline":
         return TextPipelineBackend(pipeline, prompts, scheduler)
     raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")

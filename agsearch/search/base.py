@@ -19,7 +19,10 @@ def resolve_run(model: str, pipeline: str | None, prompts: str | None, scheduler
     """(model, scheduler, T, w) of a run: a pipeline folder selects ``model=pipeline``; unset
     settings take the model's benchmark (or pipeline) defaults."""
     if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
-        model = "pipeline"
+        model = "shapes" if pipeline == "builtin:shapes" else "pipeline"
+    check(model != "shapes" or pipeline in (None, "builtin:shapes"),
+          f"model.model=shapes is the built-in pipeline; model.pipeline={pipeline} names another "
+          "(leave model.model unset for a folder)")
     from agsearch.diffusers.schedulers import SCHEDULERS
 
     check(scheduler is None or scheduler in SCHEDULERS,
@@ -46,12 +49,21 @@ def check(ok: bool, message: str) -> None:
 
 
 def model_settings(model: str, pipeline: str | None = None, prompts: str | None = None) -> dict:
-    if model != "pipeline" and prompts is not None:
+    if model == "digits" and prompts is not None:
         raise ValueError(f"model.prompts={prompts} needs model.pipeline=DIR (the text-to-image pipeline they prompt)")
     if model == "digits":
         from agsearch.models.digits import benchmark_settings
 
         return benchmark_settings()
+    if model == "shapes":
+        from agsearch.models.shapes import benchmark_settings
+
+        if prompts is not None:
+            from agsearch.eval.shapes import read_captions
+
+            read_captions(prompts)  # a caption the grammar cannot parse fails here, with the line and word
+        settings = benchmark_settings()
+        return {k: settings[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")}
     if model == "pipeline":
         from agsearch.search.backends import pipeline_settings
 

@@ -261,7 +261,7 @@ class PolicySearchModule(SearchBase):
         # LinearAG coefficients (T, R) or (T, R, C): trained with the gates, or fixed (still saved).
         entry = self.space.affine_entry()
         if entry is not None:
-            self.affine_coef = torch.nn.Parameter(_affine_coefficients(entry, T, guidance_scale),
+            self.affine_coef = torch.nn.Parameter(_affine_coefficients(entry, T, guidance_scale, model),
                                                   requires_grad=bool(entry.get("train", False)))
         else:
             self.register_parameter("affine_coef", None)
@@ -567,16 +567,21 @@ def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: in
     return logits
 
 
-def _affine_coefficients(entry: dict, T: int, guidance_scale: float) -> torch.Tensor:
+def _affine_coefficients(entry: dict, T: int, guidance_scale: float, model: str = "digits") -> torch.Tensor:
     """(T, R) or (T, R, C) starting coefficients of a space's ``affine`` op, from its fit file."""
     from agsearch.linear_ag import (
         REGRESSORS,
+        AffineError,
         check_matches,
         load_builtin,
         load_coefficients,
     )
 
     source = entry.get("coefficients", "builtin")
+    if source == "builtin" and model != "digits":  # never another model's coefficients, even where steps and scale agree
+        raise AffineError(f"the space's affine op uses the shipped LinearAG coefficients, which are the digits model's; "
+                          f"for model {model}, fit its own with agsearch fit-affine and name that file in the space's "
+                          "'coefficients'")
     document = load_builtin() if source == "builtin" else load_coefficients(source)
     check_matches(document, T, guidance_scale, "builtin" if source == "builtin" else source)
     return torch.tensor([[c[name] for name in REGRESSORS] for c in document["coefficients"]], dtype=torch.float32)

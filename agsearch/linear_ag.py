@@ -152,19 +152,32 @@ def load_coefficients(path: str | os.PathLike) -> dict:
     return document
 
 
-def builtin_coefficients_path() -> Path:
-    from agsearch.models.digits import WEIGHTS_DIR
-
-    return WEIGHTS_DIR / "digits_affine.json"
+BUILTIN_MODELS = ("digits", "shapes")
 
 
-def load_builtin() -> dict:
-    """The coefficients shipped for the built-in digits model (``agsearch fit-affine
-    --out agsearch/models/digits/weights/digits_affine.json`` wrote them)."""
-    path = builtin_coefficients_path()
+def builtin_coefficients_path(model: str = "digits") -> Path:
+    """Where the coefficients shipped for a built-in model live (``<model>_affine.json`` beside its weights)."""
+    if model not in BUILTIN_MODELS:
+        raise AffineError(f"no shipped LinearAG coefficients for model {model!r} (built-in: {', '.join(BUILTIN_MODELS)}); "
+                          "fit them with agsearch fit-affine and pass the file")
+    if model == "shapes":
+        from agsearch.models.shapes import WEIGHTS_DIR
+    else:
+        from agsearch.models.digits import WEIGHTS_DIR
+
+    return WEIGHTS_DIR / f"{model}_affine.json"
+
+
+def load_builtin(model: str = "digits") -> dict:
+    """The coefficients shipped for a built-in model (``agsearch fit-affine --model M --out
+    agsearch/models/M/weights/M_affine.json`` wrote them)."""
+    path = builtin_coefficients_path(model)
     if not path.is_file():
-        raise AffineError(f"built-in affine coefficients not found at {path}; run agsearch fit-affine --out {path}")
-    return load_coefficients(path)
+        raise AffineError(f"built-in affine coefficients not found at {path}; run agsearch fit-affine --model {model} --out {path}")
+    document = load_coefficients(path)
+    if document.get("model") != f"agsearch-{model}":
+        raise AffineError(f"{path} holds coefficients of {document.get('model')!r}, not of agsearch-{model}")
+    return document
 
 
 def check_matches(document: dict, num_inference_steps: int, guidance_scale: float, source: str = "coefficients") -> None:

@@ -1,7 +1,7 @@
 """Fit LinearAG's affine coefficients by ridge regression on full-CFG teacher trajectories.
 
 See :mod:`agsearch.linear_ag` for the map and the coefficients file; ``agsearch fit-affine`` runs
-:func:`fit_digits` on the built-in digits model.
+:func:`fit_builtin` on a built-in model (digits or shapes).
 """
 
 from __future__ import annotations
@@ -103,18 +103,57 @@ def fit(train: dict, heldout: dict, ridge: float = 1e-4, per_channel: bool = Fal
     return {"coefficients": coefficients, "r2": {"eps_u": r2_u, "delta": r2_delta, "delta_cond": r2_cond}}
 
 
-def fit_digits(pairs: int = 200, heldout: int = 100, ridge: float = 1e-4, per_channel: bool = False,
-               seed: int = 0, heldout_seed: int = 3, device: str = "cpu", scheduler: str | None = None,
-               num_inference_steps: int | None = None, guidance_scale: float | None = None,
-               batch_size: int = 500) -> dict:
-    """Fit LinearAG coefficients on the built-in digits model; returns the coefficients file."""
+def _digits_source(device, scheduler: str | None):
+    """(settings, scheduler, denoiser, collect(seed, rows) -> (noise, cond)) of the digits model."""
     from agsearch.denoisers.class_conditional import ClassConditionalDenoiser
     from agsearch.diffusers.schedulers import make_scheduler
-    from agsearch.eval.digits import balanced_labels
     from agsearch.models.digits import SCHEDULER_CONFIG, benchmark_settings, load_unet
-    from agsearch.models.digits.data import IMAGE_SHAPE, NULL_CLASS
+    from agsearch.models.digits.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
     from agsearch.seeds import make_noise, sample_seeds
 
+    settings = benchmark_settings()
+    sched = make_scheduler(scheduler or settings["scheduler"], SCHEDULER_CONFIG)
+    denoiser = ClassConditionalDenoiser(load_unet().to(device), NULL_CLASS)
+
+    def batch(seed: int, lo: int, hi: int):  # balanced class labels, as the evaluation's
+        return make_noise(sample_seeds(seed, hi - lo, lo), IMAGE_SHAPE, device), torch.arange(lo, hi, device=device) % NUM_CLASSES
+
+    return settings, sched, denoiser, batch
+
+
+def _shapes_source(device, scheduler: str | None):
+    """The same for the shapes pipeline: training captions drawn by the pairs' seed (categories in
+    turn, as the search's), the empty prompt unconditional, latent noise."""
+    from agsearch.denoisers.text import TextCondition, UNetTextDenoiser
+    from agsearch.diffusers.schedulers import make_scheduler
+    from agsearch.models.shapes import benchmark_settings, load_pipeline, scenes
+    from agsearch.seeds import make_noise, sample_seeds
+
+    settings = benchmark_settings()
+    pipe = load_pipeline(device=device)
+    sched = make_scheduler(scheduler or settings["scheduler"], dict(pipe.scheduler.config))
+    denoiser = UNetTextDenoiser(pipe.unet, pipe.scheduler.config.get("prediction_type", "epsilon"))
+    unet = pipe.unet.config
+    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    captions: dict[int, list] = {}
+
+    def batch(seed: int, lo: int, hi: int):
+        if len(captions.get(seed, ())) < hi:
+            captions[seed] = scenes.eval_captions(max(hi, 2 * len(captions.get(seed, ()))), seed, "train")
+        texts = [c.text for c in captions[seed][lo:hi]]
+        return (make_noise(sample_seeds(seed, hi - lo, lo), shape, device),
+                TextCondition.from_pipeline(pipe, texts, [""] * len(texts)))
+
+    return settings, sched, denoiser, batch
+
+
+def fit_builtin(model: str = "digits", pairs: int = 200, heldout: int = 100, ridge: float = 1e-4,
+                per_channel: bool = False, seed: int = 0, heldout_seed: int = 3, device: str = "cpu",
+                scheduler: str | None = None, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, batch_size: int = 500) -> dict:
+    """Fit LinearAG coefficients on a built-in model (``digits`` or ``shapes``, at its benchmark
+    settings unless given) on ``pairs`` full-CFG teacher trajectories of seed ``seed``, with the
+    held-out R² on ``heldout`` of ``heldout_seed``; returns the coefficients file."""
     for name, value in (("pairs", pairs), ("heldout", heldout)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise AffineError(f"Expected {name} to be an integer >= 2, but got {value}")
@@ -122,17 +161,15 @@ def fit_digits(pairs: int = 200, heldout: int = 100, ridge: float = 1e-4, per_ch
         raise AffineError("seed 1 is the held-out evaluation seed; fit on other seeds (the search uses 0, validation 3)")
     if seed == heldout_seed:
         raise AffineError(f"Expected different fit and held-out seeds, but both are {seed}")
-    settings = benchmark_settings()
-    scheduler = scheduler or settings["scheduler"]
+    sources = {"digits": _digits_source, "shapes": _shapes_source}
+    if model not in sources:
+        raise AffineError(f"unknown built-in model {model!r}; expected digits or shapes")
+    settings, sched, denoiser, batch = sources[model](device, scheduler)
     T = num_inference_steps or settings["num_inference_steps"]
     w = float(settings["guidance_scale"] if guidance_scale is None else guidance_scale)
-    sched = make_scheduler(scheduler, SCHEDULER_CONFIG)
-    denoiser = ClassConditionalDenoiser(load_unet().to(device), NULL_CLASS)
 
     def collect(s: int, n: int) -> dict:
-        noise = make_noise(sample_seeds(s, n), IMAGE_SHAPE, device)
-        labels = balanced_labels(n, device)
-        parts = [teacher_regressors(denoiser, sched, noise[lo:lo + batch_size], labels[lo:lo + batch_size], T, w)
+        parts = [teacher_regressors(denoiser, sched, *batch(s, lo, min(lo + batch_size, n)), T, w)
                  for lo in range(0, n, batch_size)]
         return {k: torch.cat([p[k] for p in parts], dim=1).cpu() for k in parts[0]}
 
@@ -145,7 +182,7 @@ def fit_digits(pairs: int = 200, heldout: int = 100, ridge: float = 1e-4, per_ch
     fit_seconds = time.perf_counter() - start
     return {
         "format": FORMAT, "version": VERSION,
-        "model": "agsearch-digits", "scheduler": type(sched).__name__,
+        "model": f"agsearch-{model}", "scheduler": type(sched).__name__,
         "num_inference_steps": T, "guidance_scale": w,
         "regressors": list(REGRESSORS),
         "target": "eps_u = eps_c - delta; delta fitted by ridge least squares",
@@ -155,6 +192,11 @@ def fit_digits(pairs: int = 200, heldout: int = 100, ridge: float = 1e-4, per_ch
         "r2": result["r2"],
         "seconds": {"teacher": round(teacher_seconds, 3), "fit": round(fit_seconds, 3)},
     }
+
+
+def fit_digits(**kwargs) -> dict:
+    """:func:`fit_builtin` on the digits model."""
+    return fit_builtin("digits", **kwargs)
 
 
 def r2_table(document: dict) -> str:

@@ -278,7 +278,7 @@ def test_generate_refuses_before_loading_the_pipeline_or_accepts_any_prompt(opti
 
 OTHER_COMMANDS = {
     "fit-affine": (["--out", "{out}"], ["--pairs", "--heldout", "--seed", "--heldout-seed", "--ridge", "--device"],
-                   ("agsearch.linear_ag_fit", "fit_digits")),
+                   ("agsearch.linear_ag_fit", "fit_builtin")),
     "sweep": (["--out-dir", "{dir}"], ["--budgets", "--samples", "--batch-size", "--seed", "--spaces"],
               ("agsearch.search.sweep", "run_sweep")),
     "bench": (["--out-dir", "{dir}"], ["--samples", "--batch-size", "--seed", "--device", "--model"],

@@ -283,8 +283,6 @@ def test_search_on_the_builtin_pipeline_scores_adherence_on_training_captions(tm
 @pytest.mark.parametrize("extra, needle", [
     (["--model.pipeline=builtin:shapes", "--model.prompts={captions}"], "captions.txt:2: caption 'a purple dragon'"),
     (["--model.model=shapes", "--model.pipeline={tmp}"], "model.model=shapes is the built-in pipeline"),
-    (["--model.model=shapes", "--model.space=linear_ag", "--model.num_inference_steps=25", "--model.budget=35"],
-     "which are the digits model's"),  # never another model's LinearAG coefficients
 ])
 def test_a_refused_shapes_search_is_one_line_and_leaves_no_run(tmp_path, capsys, extra, needle):
     captions = tmp_path / "captions.txt"
@@ -293,3 +291,15 @@ def test_a_refused_shapes_search_is_one_line_and_leaves_no_run(tmp_path, capsys,
     code, _, err = run(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_linear_ag_on_shapes_uses_the_shapes_fit(tmp_path, capsys):
+    from agsearch.linear_ag import load_builtin
+
+    fit = load_builtin("shapes")
+    assert fit["model"] == "agsearch-shapes" and fit["num_inference_steps"] == 25 and fit["guidance_scale"] == 4.0
+    assert min(fit["r2"]["delta"][1:]) > 0.8  # the guidance direction is predictable after the first step
+    out = tmp_path / "lag.json"
+    assert run(capsys, "baseline", "linear-ag", "--model", "shapes", "--out", out)[0] == 0
+    steps = Policy.load(out).steps
+    assert {"op": "affine", "coef": fit["coefficients"][1], "fallback": "cond"} in steps

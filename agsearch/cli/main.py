@@ -168,13 +168,10 @@ def cmd_baseline(args) -> int:
             raise UserError(f"the {args.model} model has no calibrated AG threshold: give --threshold G")
     _check_out(args.out)
     affine = None
-    if args.name in ("linear-ag", "affine-cutoff") and args.model != "digits":
-        raise UserError(f"{args.name} has shipped coefficients for the digits model only; "
-                       f"fit them with agsearch fit-affine (digits) or pass --model digits")
     if args.name in ("linear-ag", "affine-cutoff"):
         from agsearch.linear_ag import load_builtin, load_coefficients
 
-        affine = load_coefficients(args.affine) if args.affine is not None else load_builtin()
+        affine = load_coefficients(args.affine) if args.affine is not None else load_builtin(args.model)
     base = None
     if args.base is not None:
         from agsearch.policy import Policy
@@ -206,15 +203,15 @@ def _load_policies(paths, steps: int, resample: bool):
 
 def cmd_fit_affine(args) -> int:
     from agsearch.baselines import make_baseline
-    from agsearch.linear_ag_fit import fit_digits, r2_table
+    from agsearch.linear_ag_fit import fit_builtin, r2_table
 
     _check_model(args.model)
     for path in (args.out, args.policy, args.report):
         if path is not None:
             _check_out(path)
-    document = fit_digits(pairs=args.pairs, heldout=args.heldout, ridge=args.ridge, per_channel=args.per_channel,
+    document = fit_builtin(args.model, pairs=args.pairs, heldout=args.heldout, ridge=args.ridge, per_channel=args.per_channel,
                           seed=args.seed, heldout_seed=args.heldout_seed, device=args.device)
-    document["command"] = " ".join(["agsearch", *sys.argv[1:]]) if sys.argv[1:2] == ["fit-affine"] else "fit_digits()"
+    document["command"] = " ".join(["agsearch", *sys.argv[1:]]) if sys.argv[1:2] == ["fit-affine"] else f"fit_builtin({args.model!r})"
     table = r2_table(document)
     s = document["seconds"]
     summary = (f"LinearAG fit on {args.pairs} teacher trajectories (seed {args.seed}), held-out R² on {args.heldout} "
@@ -225,7 +222,7 @@ def cmd_fit_affine(args) -> int:
     print(f"wrote {args.out}")
     if args.policy is not None:
         policy = make_baseline("linear-ag", document["num_inference_steps"], document["guidance_scale"], affine=document)
-        policy.provenance.setdefault("model", "agsearch-digits")
+        policy.provenance.setdefault("model", document["model"])
         policy.save(args.policy)
         print(f"wrote {args.policy} ({policy.label()}, NFE {policy.nfe} of {2 * policy.num_inference_steps})")
     if args.report is not None:
@@ -462,10 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("fit-affine", help="fit LinearAG coefficients (ε_u from past estimates) on teacher trajectories",
-                       description="Run full-CFG teacher trajectories on (seed, class) pairs of the built-in model, fit "
+                       description="Run full-CFG teacher trajectories on (seed, condition) pairs of a built-in model "
+                                   "(digits: balanced classes; shapes: training captions), fit "
                                    "per-step ridge coefficients predicting the unconditional prediction from eps_c(t), "
                                    "eps_c(t-1), eps_u(t-1), x_t and a bias, and report the held-out R² per step.")
-    p.add_argument("--model", default="digits", help="built-in model (digits)")
+    p.add_argument("--model", default="digits", help="built-in model: digits or shapes (at its benchmark settings)")
     p.add_argument("--pairs", type=_samples, default=200, help="teacher trajectories to fit on")
     p.add_argument("--heldout", type=_samples, default=100, help="trajectories for the held-out R²")
     p.add_argument("--seed", type=_seed, default=0, help="noise seed S of the fit pairs (the search's: 0; 1 is the evaluation's)")

@@ -33,9 +33,9 @@ LINEAR_AG_FRACTIONS = (0.5,)  # CFG/affine alternate over this share of the step
 
 
 def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: bool = False,
-                    builtin_affine: bool = True):
-    """(family, policy) pairs: the baselines a user would otherwise pick by hand (with
-    ``builtin_affine``, LinearAG with the digits model's shipped coefficients where they fit)."""
+                    model: str = "digits"):
+    """(family, policy) pairs: the baselines a user would otherwise pick by hand (LinearAG with
+    ``model``'s shipped coefficients where they fit these settings)."""
     suite = [("cfg", make_baseline("cfg", steps, scale)), ("cond", make_baseline("cond", steps, scale)),
              ("alternating", make_baseline("alternating", steps, scale))]
     cutoffs = (4, 12) if quick else CUTOFF_STEPS
@@ -48,7 +48,7 @@ def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: b
     suite += [("ag-x0", make_baseline("ag", steps, scale, threshold=g)) for g in thresholds]
     if not quick:
         suite += [("ag-eps", make_baseline("ag", steps, scale, threshold=g, space="eps")) for g in AG_EPS]
-    affine = _builtin_affine(steps, scale) if builtin_affine else None
+    affine = _builtin_affine(steps, scale, model)
     if affine is not None:  # LinearAG with the shipped coefficients (agsearch fit-affine)
         for f in ((0.5,) if quick else LINEAR_AG_FRACTIONS):
             suite.append(("linear-ag", make_baseline("linear-ag", steps, scale, fraction=f, affine=affine)))
@@ -57,12 +57,12 @@ def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: b
     return suite
 
 
-def _builtin_affine(steps: int, scale: float) -> dict | None:
-    """The shipped LinearAG coefficients if they were fitted for these settings, else None."""
+def _builtin_affine(steps: int, scale: float, model: str = "digits") -> dict | None:
+    """A built-in model's shipped LinearAG coefficients if they were fitted for these settings, else None."""
     from agsearch.linear_ag import AffineError, check_matches, load_builtin
 
     try:
-        document = load_builtin()
+        document = load_builtin(model)
         check_matches(document, steps, scale)
     except AffineError:
         return None

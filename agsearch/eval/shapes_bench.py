@@ -47,7 +47,7 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
 
     settings = benchmark_settings()
     steps, scale = settings["num_inference_steps"], float(settings["guidance_scale"])
-    suite = benchmark_suite(steps, scale, None, quick=quick, builtin_affine=False)  # LinearAG: pass fit-affine's policy files
+    suite = benchmark_suite(steps, scale, None, quick=quick, model="shapes")  # LinearAG with the shipped shapes fit
     known = sorted({f for f, _ in suite} | {"policy file"})
     if families:
         unknown = [f for f in families if f not in known]

@@ -570,6 +570,7 @@ def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: in
 def _affine_coefficients(entry: dict, T: int, guidance_scale: float, model: str = "digits") -> torch.Tensor:
     """(T, R) or (T, R, C) starting coefficients of a space's ``affine`` op, from its fit file."""
     from agsearch.linear_ag import (
+        BUILTIN_MODELS,
         REGRESSORS,
         AffineError,
         check_matches,
@@ -578,10 +579,9 @@ def _affine_coefficients(entry: dict, T: int, guidance_scale: float, model: str 
     )
 
     source = entry.get("coefficients", "builtin")
-    if source == "builtin" and model != "digits":  # never another model's coefficients, even where steps and scale agree
-        raise AffineError(f"the space's affine op uses the shipped LinearAG coefficients, which are the digits model's; "
-                          f"for model {model}, fit its own with agsearch fit-affine and name that file in the space's "
-                          "'coefficients'")
-    document = load_builtin() if source == "builtin" else load_coefficients(source)
+    if source == "builtin" and model not in BUILTIN_MODELS:  # never another model's coefficients
+        raise AffineError(f"the space's affine op uses a built-in model's shipped LinearAG coefficients; for a "
+                          "pipeline folder, fit its own and name that file in the space's 'coefficients'")
+    document = load_builtin(model) if source == "builtin" else load_coefficients(source)
     check_matches(document, T, guidance_scale, "builtin" if source == "builtin" else source)
     return torch.tensor([[c[name] for name in REGRESSORS] for c in document["coefficients"]], dtype=torch.float32)

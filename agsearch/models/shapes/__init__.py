@@ -16,6 +16,7 @@ command line. The model card is ``weights/shapes/README.md``.
 
 from __future__ import annotations
 
+import contextlib
 from importlib import resources
 from pathlib import Path
 
@@ -85,13 +86,31 @@ def pipeline_path(name: str | Path) -> Path:
     return Path(name)
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' loading progress bars off for the duration."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    restore = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in restore:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in restore:
+            if was_enabled:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(device="cpu", dtype=torch.float32, progress: bool = False):
     """The built-in shapes ``StableDiffusionPipeline``, loaded offline from the package."""
     from diffusers import StableDiffusionPipeline
 
     extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path("builtin:shapes")), local_files_only=True,
-                                                   **extra)
+    with _quiet_loading():  # a 37 MB folder: no loading bars, no advice to install accelerate
+        pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path("builtin:shapes")), local_files_only=True,
+                                                       low_cpu_mem_usage=False, **extra)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
 

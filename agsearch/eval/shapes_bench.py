@@ -77,7 +77,8 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     out_dir = Path(out_dir)
     plot_fronts(records, out_dir / "fronts.png", title)
     last = "heldout" if "heldout" in cosines else splits[-1]
-    plot_cosine(*cosines[last], out_dir / "cosine.png", f"{title}; {SPLIT_TITLES[last]}")
+    cosine_title = title.replace(", w = ", ",\nw = ", 1) + f"; {SPLIT_TITLES[last]}"  # two lines: the plot is narrow
+    plot_cosine(*cosines[last], out_dir / "cosine.png", cosine_title)
     grid = grid_policies(suite, steps, scale)
     sample_grid(pipe, scorer, grid, out_dir / "grid.png", device, seed)
     md = ["# Benchmark on the built-in shapes text-to-image model", "",

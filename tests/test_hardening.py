@@ -303,3 +303,9 @@ def test_bench_refuses_what_it_cannot_run_before_any_work(tmp_path, capsys, argv
 def test_bench_into_a_folder_under_a_file_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     refused(capsys, ["bench", "--model", "shapes", "--out-dir", str(tmp_path / "file" / "b")], "is a file, not a folder")
+
+
+@pytest.mark.parametrize("overrides", [["--model.pipeline=sd15/"], ["--model.pipeline", "sd15/"], ["--model.model=pipeline"]])
+def test_a_sweep_on_a_pipeline_folder_is_refused_before_any_search(tmp_path, capsys, overrides):
+    refused(capsys, ["sweep", "--out-dir", str(tmp_path / "s"), "--", *overrides], "evaluates on a built-in model",
+            tmp_path=tmp_path)

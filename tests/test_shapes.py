@@ -303,3 +303,18 @@ def test_linear_ag_on_shapes_uses_the_shapes_fit(tmp_path, capsys):
     assert run(capsys, "baseline", "linear-ag", "--model", "shapes", "--out", out)[0] == 0
     steps = Policy.load(out).steps
     assert {"op": "affine", "coef": fit["coefficients"][1], "fallback": "cond"} in steps
+
+
+def test_sweep_of_shapes_searches_scores_adherence_on_held_out_captions(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code, stdout, err = run(capsys, "sweep", "--budgets", 6, "--spaces", "minimal", "--samples", 4, "--out-dir", out,
+                            "--no-progress", "--no-ag", "--", "--model.pipeline=builtin:shapes",
+                            "--model.num_inference_steps=4", "--data.num_pairs=4", "--data.batch_size=2",
+                            "--data.num_val=2", "--trainer.max_steps=2", "--wandb.mode=disabled",
+                            f"--trainer.default_root_dir={tmp_path / 'runs'}")
+    assert code == 0, err
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["meta"]["model"] == "shapes" and data["meta"]["captions"] == "heldout"
+    assert {r["role"] for r in data["records"]} >= {"full CFG", "cond", "cutoff", "searched (minimal)"}
+    assert all(r["captions"] == "heldout" and 0 <= r["adherence"] <= 1 for r in data["records"])
+    assert "| adherence % |" in (out / "sweep.md").read_text() and "on the shapes model, heldout captions" in stdout + (out / "sweep.md").read_text()

@@ -269,15 +269,23 @@ def builtin_spaces() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+def _exists(path) -> bool:
+    """``path.exists()``, False for a name the file system refuses (e.g. longer than it allows)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _read(name_or_path: str) -> tuple[str, str]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or _exists(path):
         try:
             return path.read_text(encoding="utf-8"), str(path)
         except (OSError, UnicodeDecodeError) as e:
             raise SpaceError(f"cannot read search space file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
     resource = resources.files("agsearch.search_spaces") / f"{name_or_path}.yaml"
-    if not resource.is_file():
+    if not _exists(resource) or not resource.is_file():
         raise SpaceError(
             f"unknown search space {name_or_path!r}: not a file, and not one of the built-in spaces "
             f"({', '.join(builtin_spaces())})"

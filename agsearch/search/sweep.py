@@ -18,9 +18,15 @@ from agsearch.io import atomic_write_text
 from agsearch.policy import Policy
 
 
+SWEEP_MODELS = {"digits": "digits", "agsearch-shapes": "shapes"}  # a search's provenance model -> its evaluator
+
+
 def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int = 1000, seed: int = 1,
               batch_size: int = 1000, overrides: list[str] | None = None, progress: bool = True,
-              ag: bool = True, root: str = "runs/sweep") -> list[dict]:
+              ag: bool = True, root: str = "runs/sweep", captions: str = "heldout") -> list[dict]:
+    """The searches (``overrides`` pass through, e.g. ``--model.pipeline=builtin:shapes``), then the
+    evaluation on the searches' model: digits, or shapes on ``captions`` (default the held-out ones,
+    which no search saw)."""
     from agsearch.cli.search import eval_metrics, run_search
     from agsearch.diffusers.schedulers import SCHEDULERS
     from agsearch.eval import evaluator_for
@@ -43,8 +49,12 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
     first = searched[0][2]
     T, w = first.num_inference_steps, first.guidance_scale
     scheduler = next(name for name, (cls, _) in SCHEDULERS.items() if cls == first.provenance["scheduler"])
-    evaluator = evaluator_for("digits", samples=samples, seed=seed, scheduler=scheduler, batch_size=batch_size,
-                              progress=progress)
+    model = SWEEP_MODELS.get(first.provenance.get("model"))
+    if model is None:
+        raise ValueError(f"agsearch sweep evaluates on a built-in model (digits, shapes); the searches ran on "
+                         f"{first.provenance.get('model')!r}: compare those policies with agsearch eval")
+    evaluator = evaluator_for(model, samples=samples, seed=seed, scheduler=scheduler, batch_size=batch_size,
+                              progress=progress, captions=captions if model == "shapes" else None)
     rows: list[dict] = []
 
     def add(record, role: str, budget: int | None, extra: dict | None = None):
@@ -71,32 +81,46 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
     meta = {
         "command": "agsearch sweep " + " ".join(
             [f"--budgets {' '.join(map(str, budgets))}", f"--spaces {' '.join(spaces)}", f"--samples {samples}",
-             f"--seed {seed}", f"--out-dir {out_dir}"] + [f"-- {' '.join(overrides)}" if overrides else ""]).strip(),
+             f"--seed {seed}", f"--out-dir {out_dir}"] + ([f"--captions {captions}"] if model == "shapes" else []) + [f"-- {' '.join(overrides)}" if overrides else ""]).strip(),
         "samples": samples, "seed": seed, "num_inference_steps": T, "guidance_scale": w,
-        "scheduler": scheduler, "search_seconds_total": round(search_seconds, 1),
+        "scheduler": scheduler, "model": model, "captions": captions if model == "shapes" else None,
+        "search_seconds_total": round(search_seconds, 1),
         "interval_sweep_seconds": round(interval_seconds, 1),
     }
     atomic_write_text(out_dir / "sweep.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
     atomic_write_text(out_dir / "sweep.md", format_sweep(rows, meta))
-    plot_sweep(rows, out_dir / "sweep_front.png", f"digits, {scheduler} {T} steps, w={w:g}, {samples} held-out samples")
+    where = "digits" if model == "digits" else f"shapes, {captions} captions"
+    plot_sweep(rows, out_dir / "sweep_front.png", f"{where}, {scheduler} {T} steps, w={w:g}, {samples} held-out samples")
     return rows
 
 
+def quality_key(rows: list[dict]) -> str:
+    """The records' quality score: class accuracy (digits) or prompt adherence (shapes)."""
+    return "accuracy" if "accuracy" in rows[0] else "adherence"
+
+
+def quality_label(rows: list[dict]) -> str:
+    return "accuracy" if quality_key(rows) == "accuracy" else "adherence"
+
+
 def format_sweep(rows: list[dict], meta: dict) -> str:
+    model = meta.get("model", "digits")
+    where = f"the {model} model" + (f", {meta['captions']} captions" if meta.get("captions") else "")
     lines = [
         "# Searched policies vs training-free baselines", "",
-        f"Produced by `{meta['command']}`: {meta['scheduler']}, {meta['num_inference_steps']} steps, w = {meta['guidance_scale']:g}, "
+        f"Produced by `{meta['command']}` on {where}: {meta['scheduler']}, {meta['num_inference_steps']} steps, w = {meta['guidance_scale']:g}, "
         f"{meta['samples']} held-out samples (seed {meta['seed']}); MSE and PSNR against full CFG from the same noise. "
         f"The best interval is chosen on these samples (favouring the baseline). Searches took "
         f"{meta['search_seconds_total']:.0f} s in all; the exhaustive interval sweeps {meta['interval_sweep_seconds']:.0f} s.", "",
-        "| budget | policy | role | NFE | accuracy % | MSE vs CFG | PSNR dB | FD | search s |",
+        f"| budget | policy | role | NFE | {quality_label(rows)} % | MSE vs CFG | PSNR dB | FD | search s |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    key = quality_key(rows)
     for r in rows:
         psnr = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
         lines.append(
             f"| {r['budget'] if r['budget'] is not None else '–'} | {r['name']} | {r['role']} | {r['nfe']:.2f} | "
-            f"{100 * r['accuracy']:.1f} | {r['mse']:.6f} | {psnr} | {r['fd']:.3f} | "
+            f"{100 * r[key]:.1f} | {r['mse']:.6f} | {psnr} | {r['fd']:.3f} | "
             f"{r['search_seconds'] if 'search_seconds' in r else ''} |"
         )
     lines += ["", "Searched policies, one letter per step (C = cfg, c = cond, u = uncond; per-step scales are in the policy files):", ""]
@@ -116,22 +140,23 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
 
     from agsearch.io import atomic_write_bytes
 
+    key = quality_key(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     roles = sorted({r["role"] for r in rows if r["budget"] is not None})
     markers = {"cutoff": "s--", "best interval": "o-", "AG (x0) at this NFE": "^:"}
     for role in roles:
-        pts = sorted((r["nfe"], r["mse"], r["accuracy"]) for r in rows if r["role"] == role)
+        pts = sorted((r["nfe"], r["mse"], r[key]) for r in rows if r["role"] == role)
         style = markers.get(role, "D-")
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, label=role, ms=5)
         axes[1].plot([p[0] for p in pts], [100 * p[2] for p in pts], style, label=role, ms=5)
     for r in rows:
         if r["role"] == "full CFG":
-            axes[1].axhline(100 * r["accuracy"], color="grey", lw=0.8, ls="--", label="full CFG")
+            axes[1].axhline(100 * r[key], color="grey", lw=0.8, ls="--", label="full CFG")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("NFE per sample")
     axes[0].set_ylabel("MSE to full CFG (log)")
     axes[1].set_xlabel("NFE per sample")
-    axes[1].set_ylabel("class accuracy %")
+    axes[1].set_ylabel("class accuracy %" if key == "accuracy" else "prompt adherence %")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -30,6 +30,8 @@ AG_X0 = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 AG_EPS = (0.999, 0.9995, 0.9999)
 AFFINE_CUTOFF_STEPS = (0, 1, 3, 5)  # CFG steps before affine CFG takes over (LinearAG)
 LINEAR_AG_FRACTIONS = (0.5,)  # CFG/affine alternate over this share of the steps
+FAMILY_STYLES = {"cutoff": "o-", "interval": "s", "ag-x0": "^-", "ag-eps": "v-", "alternating": "D", "cfg": "*",
+                 "cond": "X", "linear-ag": "P-", "affine-cutoff": "h-", "policy file": "d"}  # the fronts' markers
 
 
 def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: bool = False,
@@ -57,6 +59,28 @@ def benchmark_suite(steps: int, scale: float, ag_default: float | None, quick: b
     return suite
 
 
+def select_families(suite, families: list[str] | None):
+    """The suite's (family, policy) pairs of ``families`` (all when None); an unknown family is refused."""
+    if not families:
+        return suite
+    known = sorted({f for f, _ in suite} | {"policy file"})
+    unknown = [f for f in families if f not in known]
+    if unknown:
+        raise ValueError(f"unknown benchmark family {unknown[0]!r}; expected one of {', '.join(known)}")
+    return [(f, p) for f, p in suite if f in families]
+
+
+def suite_records(evaluator, suite) -> list[dict]:
+    """The suite's records from one pass over the evaluator's samples (full CFG once per batch),
+    each tagged with its family and, for an adaptive rule, its threshold."""
+    records = evaluator.records([policy for _, policy in suite])
+    for (family, policy), record in zip(suite, records):
+        record["family"] = family
+        if policy.rule is not None:
+            record["threshold"] = policy.rule["threshold"]
+    return records
+
+
 def _builtin_affine(steps: int, scale: float, model: str = "digits") -> dict | None:
     """A built-in model's shipped LinearAG coefficients if they were fitted for these settings, else None."""
     from agsearch.linear_ag import AffineError, check_matches, load_builtin
@@ -76,9 +100,7 @@ def plot_fronts(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"cutoff": "o-", "interval": "s", "ag-x0": "^-", "ag-eps": "v-", "alternating": "D",
-              "cfg": "*", "cond": "X", "linear-ag": "P-", "affine-cutoff": "h-", "policy file": "d"}
-    for family, style in styles.items():
+    for family, style in FAMILY_STYLES.items():
         rows = sorted((r for r in records if r["family"] == family), key=lambda r: r["nfe"])
         if not rows:
             continue
@@ -208,12 +230,7 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     evaluator = evaluator_for("digits", samples=samples, seed=seed, scheduler=settings["scheduler"],
                               batch_size=batch_size, device=device, progress=progress)
     suite = benchmark_suite(steps, scale, ag_default, quick=quick)
-    known = sorted({f for f, _ in suite} | {"policy file"})
-    if families:
-        unknown = [f for f in families if f not in known]
-        if unknown:
-            raise ValueError(f"unknown benchmark family {unknown[0]!r}; expected one of {', '.join(known)}")
-        suite = [(f, p) for f, p in suite if f in families]
+    suite = select_families(suite, families)
     out_dir = Path(out_dir)
     previous = _previous(out_dir / "benchmark.json", settings, samples, seed) if merge else None
     if records_files and not merge:
@@ -221,11 +238,7 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
     imported = [r for path in records_files for r in _eval_records(Path(path), settings, samples, seed)]
     if policies:
         suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
-    records = evaluator.records([policy for _, policy in suite])  # one pass: full CFG once per batch
-    for (family, policy), record in zip(suite, records):
-        record["family"] = family
-        if policy.rule is not None:
-            record["threshold"] = policy.rule["threshold"]
+    records = suite_records(evaluator, suite)
     records += imported
     cosines = evaluator.full_cfg_cosines.get((steps, float(scale)))  # γ_t of full CFG's first samples
     if cosines is None:  # full CFG did not run (only imported records): for the plot

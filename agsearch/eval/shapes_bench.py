@@ -24,7 +24,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from agsearch.eval.bench import benchmark_suite, plot_cosine, save_figure
+from agsearch.eval.base import is_full_cfg
+from agsearch.eval.bench import (
+    FAMILY_STYLES,
+    benchmark_suite,
+    plot_cosine,
+    save_figure,
+    select_families,
+    suite_records,
+)
 from agsearch.eval.records import format_table
 from agsearch.io import atomic_write_text
 from agsearch.policy import Policy
@@ -32,8 +40,6 @@ from agsearch.policy import Policy
 SPLITS = ("train", "heldout")
 SPLIT_TITLES = {"train": "training captions", "heldout": "held-out captions"}
 GRID_NFE = 35
-STYLES = {"cutoff": "o-", "interval": "s", "ag-x0": "^-", "ag-eps": "v-", "alternating": "D", "cfg": "*",
-          "cond": "X", "linear-ag": "P-", "affine-cutoff": "h-", "policy file": "d"}
 
 
 def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 500,
@@ -48,26 +54,16 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     settings = benchmark_settings()
     steps, scale = settings["num_inference_steps"], float(settings["guidance_scale"])
     suite = benchmark_suite(steps, scale, None, quick=quick, model="shapes")  # LinearAG with the shipped shapes fit
-    known = sorted({f for f, _ in suite} | {"policy file"})
-    if families:
-        unknown = [f for f in families if f not in known]
-        if unknown:
-            raise ValueError(f"unknown benchmark family {unknown[0]!r}; expected one of {', '.join(known)}")
-        suite = [(f, p) for f, p in suite if f in families]
+    suite = select_families(suite, families)
     suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
-    if not any(p.kind == "static" and all(s == {"op": "cfg"} for s in p.steps) for _, p in suite):
+    if not any(is_full_cfg(p) for _, p in suite):
         suite.insert(0, ("cfg", Policy.static(["cfg"] * steps, scale, name="cfg")))  # the tables' reference row
     pipe, scorer = load_pipeline(device=device), load_scorer().to(device)
     records, cosines = {}, {}
     for split in splits:
         evaluator = ShapesEvaluator(samples=samples, seed=seed, captions=split, scheduler=settings["scheduler"],
                                     batch_size=batch_size, device=device, progress=progress, pipe=pipe, scorer=scorer)
-        rows = evaluator.records([p for _, p in suite])
-        for (family, policy), record in zip(suite, rows):
-            record["family"] = family
-            if policy.rule is not None:
-                record["threshold"] = policy.rule["threshold"]
-        records[split] = rows
+        records[split] = suite_records(evaluator, suite)
         cosines[split] = evaluator.full_cfg_cosines[(steps, scale)]
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
@@ -137,7 +133,7 @@ def plot_fronts(records: dict[str, list[dict]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, len(records), figsize=(5.6 * len(records), 8), squeeze=False)
     for col, (split, rows) in enumerate(records.items()):
         top, bottom = axes[0, col], axes[1, col]
-        for family, style in STYLES.items():
+        for family, style in FAMILY_STYLES.items():
             chosen = sorted((r for r in rows if r["family"] == family), key=lambda r: r["nfe"])
             if not chosen:
                 continue

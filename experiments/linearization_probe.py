@@ -24,7 +24,7 @@ CHANGES = [(0, "cfg@1.15"), (0, "cond"), (3, "cfg@1.15"), (3, "cond"), (9, "cfg@
 
 
 def main() -> int:
-    module = PolicySearchModule(space="cfg_scales", budget=35, checkpointing=False)
+    module = PolicySearchModule(model="digits", space="cfg_scales", budget=35, checkpointing=False)
     labels = module.space.labels(module.candidates)
     pairs = PairDataset(0, 64)
     batch = pairs.batch()

@@ -244,7 +244,7 @@ def test_adaptive_space_loads_and_refuses_ops_it_cannot_gate(tmp_path):
             SearchSpace.load(path)
 
 
-ADAPTIVE = ["--model.space=adaptive_cosine", f"--model.num_inference_steps={T}", "--model.budget=9",
+ADAPTIVE = ["--model.model=digits", "--model.space=adaptive_cosine", f"--model.num_inference_steps={T}", "--model.budget=9",
             "--model.guidance_scale=1.5", "--data.num_pairs=8", "--data.batch_size=4", "--data.num_val=4",
             "--data.num_calibration=16", "--trainer.max_steps=6", "--progress=false"]
 

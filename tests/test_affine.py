@@ -261,7 +261,7 @@ def test_affine_search_space_fixed_and_trained(tmp_path, capsys):
         space.write_text(f"ops: [{{op: cfg}}, {{op: cond}}, {{op: affine, coefficients: {tmp_path / 'c.json'}, train: {str(train).lower()}}}]\n")
         assert SearchSpace.load(space).candidates(1.1)[2] == {"op": "affine", "fallback": "cond"}
         out = tmp_path / f"policy_{train}.json"
-        code = main(["search", f"--model.space={space}", "--model.num_inference_steps=5", "--model.budget=7",
+        code = main(["search", "--model.model=digits", f"--model.space={space}", "--model.num_inference_steps=5", "--model.budget=7",
                      "--data.num_pairs=8", "--data.batch_size=4", "--data.num_val=4", "--trainer.max_steps=3",
                      "--progress=false", f"--trainer.default_root_dir={tmp_path / 'runs'}", "--wandb.mode=disabled",
                      "--eval.samples=0", "--model.affine_lr=0.05", f"--out={out}"])

@@ -197,7 +197,7 @@ def _stopped_at_step_2(tmp_path, capsys, monkeypatch, *argv):
     return run / "checkpoints" / "last.ckpt"
 
 
-TINY_DEFAULT_SPACE = ["search", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8",
+TINY_DEFAULT_SPACE = ["search", "--model.model=digits", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8",
                       "--data.batch_size=4", "--data.num_val=4", "--trainer.max_steps=4", "--progress=false",
                       "--wandb.mode=disabled", "--eval.samples=0"]  # the default space, cfg_scales
 
@@ -233,7 +233,8 @@ def test_an_adaptive_space_alone_runs_its_own_schedule_and_explicit_options_win(
     assert cli.datamodule.hparams.num_pairs == 512
     # A gate space has no schedule: the command's defaults.
     cli = build_cli(["--wandb.mode=disabled", "--progress=false", f"--trainer.default_root_dir={tmp_path}"])
-    assert cli.trainer.max_steps == 24 and cli.datamodule.hparams.batch_size == 32
+    assert cli.trainer.max_steps == 12 and cli.datamodule.hparams.batch_size == 32
+    assert cli.datamodule.hparams.num_pairs == 128 and cli.datamodule.hparams.num_val == 32
 
 
 def test_a_bad_schedule_in_a_space_file_is_one_line(tmp_path, capsys):
@@ -269,7 +270,7 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_or_a_checkpoint(tmp_p
 
     out = tmp_path / ("p.json" if command == "search" else "cca")
     argv = [sys.executable, "-m", "agsearch.cli.main", command, "--trainer.max_steps=100000", "--eval.samples=0",
-            "--wandb.mode=disabled", "--progress=false", f"--out={out}"]
+            "--wandb.mode=disabled", "--progress=false", f"--out={out}", *(["--model.model=digits"] if command == "search" else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     # A shell's background job inherits SIGINT ignored, and Python keeps it so: give the child the default back.
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_inspect_policy_notebook_executes(tmp_path, capsys, monkeypatch):
-    code = main(["search", "--model.space=minimal", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8",
+    code = main(["search", "--model.model=digits", "--model.space=minimal", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8",
                  "--data.batch_size=4", "--data.num_val=4", "--trainer.max_steps=4", "--progress=false",
                  "--wandb.mode=disabled", "--eval.samples=20", f"--trainer.default_root_dir={tmp_path}"])
     assert code == 0, capsys.readouterr().err
@@ -30,7 +30,7 @@ def test_inspect_policy_notebook_executes(tmp_path, capsys, monkeypatch):
 
 
 def test_inspect_policy_notebook_on_an_adaptive_run(tmp_path, capsys, monkeypatch):
-    code = main(["search", "--model.space=adaptive_cosine", "--model.num_inference_steps=5", "--model.budget=7",
+    code = main(["search", "--model.model=digits", "--model.space=adaptive_cosine", "--model.num_inference_steps=5", "--model.budget=7",
                  "--data.num_pairs=8", "--data.batch_size=4", "--data.num_val=4", "--data.num_calibration=16",
                  "--trainer.max_steps=4", "--progress=false", "--wandb.mode=disabled", "--eval.samples=20",
                  f"--trainer.default_root_dir={tmp_path}"])

@@ -327,7 +327,7 @@ def real_checkpoint():
     """What a search of the minimal space (5 steps, budget 7) saves, without training it."""
     from agsearch.search.modules import search_module
 
-    module = search_module(space="minimal", num_inference_steps=5, budget=7)
+    module = search_module(model="digits", space="minimal", num_inference_steps=5, budget=7)
     return {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3,
             "datamodule_hyper_parameters": {"seed": 0}, "agsearch": {"search_seconds": 1.5, "schedule_steps": 4}}
 
@@ -428,7 +428,7 @@ def test_search_refuses_with_no_run_directory_or_starts_to_fit(option, value, fo
     root.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         _fit_reached(mp)
-        code, err = run(["search", f"{option}={value}", f"--trainer.default_root_dir={root}",
+        code, err = run(["search", "--model.model=digits", f"{option}={value}", f"--trainer.default_root_dir={root}",
                          "--wandb.mode=disabled", "--progress=false"])
     event("reached the work" if isinstance(code, Reached) else "refused")
     if isinstance(code, Reached):

@@ -16,7 +16,7 @@ from agsearch.policy import Policy
 from agsearch.search.discretize import discretize
 from agsearch.search.space import SearchSpace, SpaceError, builtin_spaces
 
-TINY = ["--model.space=minimal", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8", "--data.batch_size=4",
+TINY = ["--model.model=digits", "--model.space=minimal", "--model.num_inference_steps=5", "--model.budget=7", "--data.num_pairs=8", "--data.batch_size=4",
         "--data.num_val=4", "--trainer.max_steps=4", "--progress=false"]
 
 
@@ -106,7 +106,7 @@ def test_argmax_and_bad_budgets():
 def test_module_trains_only_gates_and_keeps_the_model_out_of_checkpoints():
     from agsearch.search.gates import PolicySearchModule
 
-    module = PolicySearchModule(space="adaptive_guidance", budget=35)
+    module = PolicySearchModule(model="digits", space="adaptive_guidance", budget=35)
     assert [n for n, p in module.named_parameters()] == ["gate_logits"]
     assert module.gate_logits.shape == (25, len(module.candidates))
     assert set(module.state_dict()) == {"gate_logits", "dual", "loss_scale"}
@@ -118,7 +118,7 @@ def test_gradients_reach_every_gate():
     from agsearch.search.data import PairDataset
     from agsearch.search.gates import PolicySearchModule
 
-    module = PolicySearchModule(num_inference_steps=5, budget=7)
+    module = PolicySearchModule(model="digits", num_inference_steps=5, budget=7)
     ds = PairDataset(0, 4)
     batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("seed", "label")}
     loss = module.training_step(batch, 0)
@@ -285,16 +285,28 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 def test_sweep_writes_table_plot_and_policies(tmp_path, capsys):
     out = tmp_path / "sweep"
-    code, stdout, err = run_cli(capsys, "sweep", "--budgets", 6, 8, "--samples", 20, "--out-dir", out, "--no-progress",
-                                "--", *TINY[1:2], "--data.num_pairs=8", "--data.batch_size=4", "--data.num_val=4",
-                                "--trainer.max_steps=2", "--wandb.mode=disabled", f"--trainer.default_root_dir={tmp_path / 'r'}")
+    args = ["sweep", "--budgets", 6, 8, "--samples", 20, "--out-dir", out, "--no-progress",
+            "--", "--model.model=digits", "--model.num_inference_steps=5", "--data.num_pairs=8", "--data.batch_size=4",
+            "--data.num_val=4", "--trainer.max_steps=2", "--wandb.mode=disabled", f"--trainer.default_root_dir={tmp_path / 'r'}"]
+    code, stdout, err = run_cli(capsys, *args)
     assert code == 0, err
-    rows = json.loads((out / "sweep.json").read_text())["records"]
+    sweep = json.loads((out / "sweep.json").read_text())
+    rows = sweep["records"]
     roles = {(r["role"], r["budget"]) for r in rows}
     for b in (6, 8):
         assert {("cutoff", b), ("best interval", b), ("searched (minimal)", b), ("AG (x0) at this NFE", b)} <= roles
     assert (out / "sweep_front.png").stat().st_size > 0 and "| 8 |" in (out / "sweep.md").read_text()
-    assert Policy.load(out / "policies" / "minimal-b8.json").nfe == 8
+    policy = Policy.load(out / "policies" / "minimal-b8.json")
+    assert policy.nfe == 8 and policy.provenance["search"]["wall_seconds"] > 0 and sweep["meta"]["reused"] == []
+    # --resume takes the policies of the run above instead of searching again; the table is the same.
+    runs = sorted((tmp_path / "r").iterdir())
+    code, stdout, err = run_cli(capsys, *args[:1], "--resume", *args[1:])
+    assert code == 0, err
+    assert stdout.count("reusing ") == 2 and sorted((tmp_path / "r").iterdir()) == runs  # no new search
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["meta"]["reused"] == ["minimal-b6.json", "minimal-b8.json"]
+    assert again["meta"]["search_seconds_total"] == sweep["meta"]["search_seconds_total"]
+    assert [r.get("mse") for r in again["records"]] == [r.get("mse") for r in rows]
 
 
 def test_checkpointing_keeps_saved_memory_flat_in_T(random_unet):
@@ -333,9 +345,9 @@ def test_checkpointing_defaults_by_device_and_gives_the_same_gradients():
     from agsearch.search.data import PairDataset
     from agsearch.search.gates import PolicySearchModule
 
-    auto = PolicySearchModule(space="minimal", num_inference_steps=4, budget=6)
+    auto = PolicySearchModule(model="digits", space="minimal", num_inference_steps=4, budget=6)
     assert auto.hparams.checkpointing is None and auto.checkpointing is False  # CPU: memory is not the limit
-    assert PolicySearchModule(space="minimal", num_inference_steps=4, budget=6, checkpointing=True).checkpointing
+    assert PolicySearchModule(model="digits", space="minimal", num_inference_steps=4, budget=6, checkpointing=True).checkpointing
     batch = PairDataset(3, 4).batch()
     grads = []
     for checkpointing in (False, True):
@@ -350,7 +362,7 @@ def test_polish_keeps_the_nfe_and_never_raises_the_distance():
     from agsearch.search.data import PairDataset
     from agsearch.search.gates import PolicySearchModule
 
-    module = PolicySearchModule(space="cfg_scales", num_inference_steps=5, budget=7)
+    module = PolicySearchModule(model="digits", space="cfg_scales", num_inference_steps=5, budget=7)
     ds = PairDataset(3, 8)
     batch = {k: torch.stack([ds[i][k] for i in range(8)]) for k in ("seed", "label")}
     labels = module.space.labels(module.candidates)
@@ -373,10 +385,10 @@ def test_polish_also_starts_from_the_cutoff():
     from agsearch.search.data import PairDataset
     from agsearch.search.gates import PolicySearchModule
 
-    module = PolicySearchModule(space="minimal", num_inference_steps=5, budget=7, polish_from="both")
+    module = PolicySearchModule(model="digits", space="minimal", num_inference_steps=5, budget=7, polish_from="both")
     assert module.cutoff_picks() == [0, 0, 1, 1, 1]  # cfg, cfg, cond, cond, cond
     scales_only = {"name": "s", "ops": [{"op": "cfg", "scales": [2.0, 3.0]}, {"op": "cond"}]}
-    assert PolicySearchModule(space=scales_only, num_inference_steps=5, budget=7).cutoff_picks() is None  # no cfg at w
+    assert PolicySearchModule(model="digits", space=scales_only, num_inference_steps=5, budget=7).cutoff_picks() is None  # no cfg at w
     batch = PairDataset(3, 8).batch()
     start = [1, 1, 1, 0, 0]  # guidance at the end only: far from the cutoff
     picks, record = module.polish_starts(batch, start, rounds=1)
@@ -384,7 +396,7 @@ def test_polish_also_starts_from_the_cutoff():
     assert record["distance_after"] == min(record["distance_after_by_start"].values())
     assert sum(module.costs[k] for k in picks) == 7
 
-    leader = PolicySearchModule(space="minimal", num_inference_steps=5, budget=7)
+    leader = PolicySearchModule(model="digits", space="minimal", num_inference_steps=5, budget=7)
     assert leader.hparams.polish_from == "leader"
     picks, record = leader.polish_starts(batch, start, rounds=1)
     before = record["distance_before_by_start"]
@@ -392,7 +404,7 @@ def test_polish_also_starts_from_the_cutoff():
     assert record["start"] == "cutoff" and record["distance_before"] == pytest.approx(before["cutoff"], rel=1e-6)
     assert record["distance_after"] <= record["distance_before"] and sum(leader.costs[k] for k in picks) == 7
     with pytest.raises(ValueError, match="polish_from"):
-        PolicySearchModule(space="minimal", num_inference_steps=5, budget=7, polish_from="cutoff")
+        PolicySearchModule(model="digits", space="minimal", num_inference_steps=5, budget=7, polish_from="cutoff")
 
 
 def test_progress_bar_names_the_last_epoch_of_a_step_limited_run():

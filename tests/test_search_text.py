@@ -152,8 +152,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys
     argv = tiny_search(tmp_path, pipeline, prompts, f"--out={tmp_path / 'p.json'}", *extra)
     if case == "no prompts":
         argv = [a for a in argv if not a.startswith("--model.prompts")]
-    if case == "prompts without pipeline":
-        argv = [a for a in argv if not a.startswith("--model.pipeline")]
+    if case == "prompts without pipeline":  # on digits (the default model, shapes, reads them as captions)
+        argv = [a for a in argv if not a.startswith("--model.pipeline")] + ["--model.model=digits"]
     code, out, err = run(capsys, *argv)
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("agsearch search: error:") and "Traceback" not in err

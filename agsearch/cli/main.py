@@ -309,19 +309,21 @@ def cmd_sweep(args) -> int:
 
     for space in args.spaces:
         SearchSpace.load(space)  # fail before the first search, not after it
-    if args.out_dir.exists() and not args.out_dir.is_dir():
+    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
         raise UserError(f"--out-dir {args.out_dir} is a file")
     overrides = list(args.overrides)
     values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in overrides if "=" in a}
     values.update({a: b for a, b in zip(overrides, overrides[1:]) if a.startswith("--") and "=" not in a})
     if values.get("--model.pipeline", "builtin:shapes") != "builtin:shapes" or values.get("--model.model") == "pipeline":
-        raise UserError("agsearch sweep evaluates on a built-in model (digits, or shapes with "
-                        "-- --model.pipeline=builtin:shapes); on a pipeline folder run agsearch search per budget "
+        raise UserError("agsearch sweep evaluates on a built-in model (shapes, the default, or digits with "
+                        "-- --model.model=digits); on a pipeline folder run agsearch search per budget "
                         "and compare the policies with agsearch eval")
-    rows = run_sweep(args.budgets, args.spaces, args.out_dir, args.samples, args.seed, args.batch_size,
-                     args.overrides, progress=not args.no_progress, ag=not args.no_ag, captions=args.captions)
+    out_dir = args.out_dir or Path("results/search" if values.get("--model.model") == "digits" else "results/shapes/sweep")
+    rows = run_sweep(args.budgets, args.spaces, out_dir, args.samples, args.seed, args.batch_size,
+                     args.overrides, progress=not args.no_progress, ag=not args.no_ag, captions=args.captions,
+                     resume=args.resume)
     print(format_table(rows, markdown=False))
-    print(f"wrote {args.out_dir / 'sweep.md'}, {args.out_dir / 'sweep.json'}, {args.out_dir / 'sweep_front.png'}")
+    print(f"wrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.json'}, {out_dir / 'sweep_front.png'}")
     return 0
 
 
@@ -504,9 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_samples, default=1000, help="held-out samples per policy")
     p.add_argument("--seed", type=_seed, default=1, help="held-out noise seed")
     p.add_argument("--batch-size", type=_samples, default=1000)
-    p.add_argument("--out-dir", type=Path, default=Path("results/search"))
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="default: results/shapes/sweep (results/search with -- --model.model=digits)")
     p.add_argument("--captions", choices=("heldout", "train"), default="heldout",
-                   help="shapes searches (-- --model.pipeline=builtin:shapes): the caption set to evaluate on")
+                   help="shapes (the default model): the caption set to evaluate on")
+    p.add_argument("--resume", action="store_true",
+                   help="take the policy an earlier sweep wrote in OUT_DIR/policies for a space and budget "
+                        "instead of searching it again")
     p.add_argument("--no-ag", action="store_true", help="skip matching the AG rule to each budget")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)

@@ -43,7 +43,7 @@ DEFAULT_ROOT = "runs/search"
 # A space's ``schedule`` keys and the options they set.
 SCHEDULE_OPTIONS = {"max_steps": "trainer.max_steps", "batch_size": "data.batch_size", "num_pairs": "data.num_pairs",
                     "lr": "model.lr"}
-TRAINER_DEFAULTS = trainer_defaults(max_steps=24,  # 3 epochs of 256 pairs at batch 32
+TRAINER_DEFAULTS = trainer_defaults(max_steps=12,  # 3 epochs of 128 pairs at batch 32
                                     default_root_dir=DEFAULT_ROOT, log_every_n_steps=1)
 
 
@@ -194,6 +194,7 @@ def run_search(argv: list[str]) -> tuple[Policy | None, Path | None, list[dict]]
     run = dict(seed=int(data.seed), pairs=int(data.num_pairs), batch_size=int(data.batch_size),
                processes=int(trainer.world_size), run_dir=str(cli.run_dir),
                checkpoint=str(cli.run_dir / "checkpoints" / "last.ckpt"))
+    module.progress = config.progress  # the polish's bar
     policy = module.end_of_run_policy(data, **run)
     metrics = {k: round(float(v), 8) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     policy.metrics["search"] = metrics
@@ -272,7 +273,7 @@ def search_main(argv: list[str]) -> int:
         if "accuracy" in records[0]:
             print(f"held-out comparison, {n} samples (seed {seed}); `agsearch sweep` compares on 1000:")
         elif "adherence" in records[0]:
-            print(f"held-out comparison, {n} samples (seed {seed}) of the {records[0]['captions']} captions; "
+            print(f"comparison on held-out noise, {n} samples (seed {seed}) of the {records[0]['captions']} captions; "
                   "MSE and PSNR of the decoded images to full CFG; `agsearch bench --model shapes --policy` compares "
                   "on both caption sets:")
         else:

@@ -14,15 +14,19 @@ class NonFiniteLossError(RuntimeError):
     """The search loss became NaN or infinite; the run stops at that step."""
 
 
-def resolve_run(model: str, pipeline: str | None, prompts: str | None, scheduler: str | None,
+def resolve_run(model: str | None, pipeline: str | None, prompts: str | None, scheduler: str | None,
                 num_inference_steps: int | None, guidance_scale: float | None) -> tuple[str, str, int, float]:
-    """(model, scheduler, T, w) of a run: a pipeline folder selects ``model=pipeline``; unset
-    settings take the model's benchmark (or pipeline) defaults."""
-    if pipeline is not None and model == "digits":  # the default: a pipeline folder selects it
-        model = "shapes" if pipeline == "builtin:shapes" else "pipeline"
+    """(model, scheduler, T, w) of a run. ``model=None`` (the default) is the built-in shapes
+    pipeline, or ``pipeline`` for a folder given by ``pipeline``; unset settings take the model's
+    benchmark (or pipeline) defaults."""
+    if model is None:
+        model = "shapes" if pipeline in (None, "builtin:shapes") else "pipeline"
     check(model != "shapes" or pipeline in (None, "builtin:shapes"),
           f"model.model=shapes is the built-in pipeline; model.pipeline={pipeline} names another "
           "(leave model.model unset for a folder)")
+    check(model != "digits" or pipeline is None,
+          f"model.model=digits is the built-in class-conditional UNet; model.pipeline={pipeline} names a "
+          "pipeline (leave model.model unset for a folder)")
     from agsearch.diffusers.schedulers import SCHEDULERS
 
     check(scheduler is None or scheduler in SCHEDULERS,

@@ -48,7 +48,7 @@ class GuidancePairs(pl.LightningDataModule):
         calibration_seed: S of the calibration pairs.
     """
 
-    def __init__(self, num_pairs: int = 256, num_val: int = 64, batch_size: int = 32,
+    def __init__(self, num_pairs: int = 128, num_val: int = 32, batch_size: int = 32,
                  seed: int = SEARCH_SEED, val_seed: int = VALIDATION_SEED, num_calibration: int = 512,
                  calibration_seed: int = CALIBRATION_SEED):
         super().__init__()

@@ -46,7 +46,7 @@ from agsearch.search.polish import TrajectoryEvaluator, polish
 from agsearch.search.space import SearchSpace
 
 STRAIGHT_THROUGH = ("all", "sampled")
-INITS = ("teacher", "budget", "uniform")
+INITS = ("teacher", "budget", "uniform", "cutoff")
 OPTIMIZERS = ("shared_adam", "adam")
 POLISH_FROM = ("leader", "both")
 
@@ -139,8 +139,9 @@ class PolicySearchModule(SearchBase):
             YAML file (see ``search_spaces/``).
         budget: target NFE per sample, an integer in [T · min cost, T · max cost] (e.g. 25–50
             for T = 25 with ``cfg`` and ``cond``).
-        model: the frozen model: ``digits`` (the built-in one) or ``pipeline`` (the folder given as
-            ``pipeline``; giving ``pipeline`` selects it).
+        model: the frozen model: ``shapes`` (the built-in text-to-image pipeline), ``digits`` (the
+            built-in class-conditional UNet, the fast one) or ``pipeline`` (the folder given as
+            ``pipeline``). Default: ``pipeline`` when a folder is given, else ``shapes``.
         pipeline: a local diffusers Stable Diffusion 1.x/2.x or 3 pipeline folder
             (``save_pretrained`` layout, nothing is downloaded); needs ``prompts``. The teacher is
             the pipeline's own full-CFG call from the same noise (``TextPipelineBackend``).
@@ -175,7 +176,8 @@ class PolicySearchModule(SearchBase):
             validation pairs; ``both``, from each, keeping the better (twice the time).
         init: ``budget`` starts the gates at E[NFE] = budget (ops of equal cost equally likely),
             so λ does not first have to undo an over-budget start; ``teacher`` puts 0.9 on CFG at
-            the run's scale; ``uniform`` starts at zeros.
+            the run's scale; ``uniform`` starts at zeros; ``cutoff`` puts 0.9 on the budget's CFG
+            cutoff (CFG for the first k steps, ``cond`` after).
         affine_lr: Adam learning rate of the affine coefficients when the space trains them
             (``{op: affine, train: true}``); they start from the space's fit.
 
@@ -189,7 +191,7 @@ class PolicySearchModule(SearchBase):
         self,
         space: str | dict = "cfg_scales",
         budget: int = 35,
-        model: str = "digits",
+        model: str | None = None,
         pipeline: str | None = None,
         prompts: str | None = None,
         scheduler: str | None = None,
@@ -336,7 +338,7 @@ class PolicySearchModule(SearchBase):
         evaluator = TrajectoryEvaluator(run, lambda p: self._hard_weights(p, B), target, self._distance, B,
                                         reuse=all(c["op"] != "affine" for c in self.candidates))
         return polish(picks, self.costs, logp, k_teacher, self.space.labels(self.candidates), rounds, evaluator,
-                      evaluator.accept)
+                      evaluator.accept, progress=getattr(self, "progress", None))
 
     def cutoff_picks(self, budget: int | None = None) -> list[int] | None:
         """The cutoff at ``budget`` (CFG at the run's scale for the first budget − T steps, then
@@ -544,10 +546,21 @@ def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: in
     ``uniform``: zeros. ``teacher``: probability 0.9 on CFG at the run's scale (the teacher's
     op), the rest spread evenly: the student starts as the teacher and the budget takes guidance
     away where it matters least. ``budget``: probability split between the cheapest and the
-    dearest ops so that E[NFE] = budget.
+    dearest ops so that E[NFE] = budget. ``cutoff``: probability 0.9 on CFG at the run's scale for
+    the first k steps and on ``cond`` after them, k the most the budget allows (the CFG cutoff of
+    that budget), the rest spread evenly: the search starts at the strongest simple baseline and
+    moves off it only where the loss says so (``budget`` without a ``cfg`` and a ``cond`` op).
     """
     logits = torch.zeros(T, len(costs))
     lo, hi = min(costs), max(costs)
+    if init == "cutoff" and {"op": "cfg"} in candidates and {"op": "cond"} in candidates:
+        guide, skip = candidates.index({"op": "cfg"}), candidates.index({"op": "cond"})
+        k = max(0, min(T, (budget - T * costs[skip]) // max(1, costs[guide] - costs[skip])))
+        rest = math.log(0.1 / (len(costs) - 1))
+        logits[:] = rest
+        logits[:k, guide] = math.log(0.9)
+        logits[k:, skip] = math.log(0.9)
+        return logits
     if init == "teacher" and {"op": "cfg"} in candidates:
         k = candidates.index({"op": "cfg"})
         rest = 0.1 / (len(costs) - 1)

@@ -21,6 +21,7 @@ import time
 from typing import Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from agsearch.guidance.sampler import Resume
 
@@ -29,15 +30,15 @@ Picks = list[int]  # one op index per step
 
 def polish(picks: Picks, costs: list[int], logp: torch.Tensor, k_teacher: int | None, labels: list[str],
            rounds: int, distances: Callable[[list[Picks], Picks], list[float]],
-           accept: Callable[[Picks], None] = lambda picks: None) -> tuple[Picks, dict]:
+           accept: Callable[[Picks], None] = lambda picks: None, progress: bool | None = None) -> tuple[Picks, dict]:
     """Refine ``picks`` for ``rounds`` rounds (see the module doc).
 
     ``costs`` are the ops' NFE, ``logp`` (T, K) the gates' log-probabilities (where to pay for a
     teacher op), ``k_teacher`` the index of full CFG at the run's scale (None: no such move),
     ``labels`` the ops' names for the record. ``distances(candidates, current)`` gives each
     candidate's exact distance to the teacher (``current``: the policy they are moves of);
-    ``accept(picks)`` is told each policy that becomes the current one. Returns the picks and a
-    record of the moves."""
+    ``accept(picks)`` is told each policy that becomes the current one; ``progress``: a bar over
+    the steps of each round (None: only on a terminal). Returns the picks and a record of the moves."""
     record = {"rounds": 0, "moves": [], "evaluations": 0}
     if rounds <= 0:
         return picks, record
@@ -46,9 +47,11 @@ def polish(picks: Picks, costs: list[int], logp: torch.Tensor, k_teacher: int | 
     record["evaluations"] += 1
     accept(picks)
     record["distance_before"] = current
-    for _ in range(rounds):
+    for r in range(rounds):
         improved = False
-        for t in range(len(picks)):
+        bar = tqdm(range(len(picks)), desc=f"polish round {r + 1}/{rounds}", unit="step", leave=False,
+                   disable=None if progress is None else not progress)
+        for t in bar:
             candidates = list(moves(picks, t, costs, logp, k_teacher))
             if not candidates:
                 continue

@@ -23,27 +23,39 @@ SWEEP_MODELS = {"digits": "digits", "agsearch-shapes": "shapes"}  # a search's p
 
 def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int = 1000, seed: int = 1,
               batch_size: int = 1000, overrides: list[str] | None = None, progress: bool = True,
-              ag: bool = True, root: str = "runs/sweep", captions: str = "heldout") -> list[dict]:
-    """The searches (``overrides`` pass through, e.g. ``--model.pipeline=builtin:shapes``), then the
-    evaluation on the searches' model: digits, or shapes on ``captions`` (default the held-out ones,
-    which no search saw)."""
+              ag: bool = True, root: str = "runs/sweep", captions: str = "heldout",
+              resume: bool = False) -> list[dict]:
+    """The searches (``overrides`` pass through, e.g. ``--model.model=digits``), then the evaluation
+    on the searches' model: shapes on ``captions`` (default the held-out ones, which no search saw),
+    or digits. With ``resume``, a policy file that an earlier sweep wrote for the same space and
+    budget under ``out_dir/policies`` is taken instead of searching again."""
     from agsearch.cli.search import eval_metrics, run_search
     from agsearch.diffusers.schedulers import SCHEDULERS
     from agsearch.eval import evaluator_for
     from agsearch.search.compare import ag_at_nfe, static_baselines
+    from agsearch.search.space import SearchSpace
 
     overrides = list(overrides or [])
     policy_dir = out_dir / "policies"
     searched: list[tuple[str, int, Policy]] = []
-    started = time.perf_counter()
+    search_seconds, reused = 0.0, []
     for space in spaces:
         for budget in budgets:
             path = policy_dir / f"{Path(space).stem}-b{budget}.json"
-            argv = [f"--model.space={space}", f"--model.budget={budget}", "--eval.samples=0", f"--out={path}",
-                    f"--trainer.default_root_dir={root}", f"--progress={str(progress).lower()}", *overrides]
-            policy, _, _ = run_search(argv)
+            policy = earlier_search(path, SearchSpace.load(space).name, budget) if resume else None
+            if policy is not None:
+                print(f"reusing {path} (--resume)")
+                reused.append(path.name)
+            else:
+                argv = [f"--model.space={space}", f"--model.budget={budget}", "--eval.samples=0", f"--out={path}",
+                        f"--trainer.default_root_dir={root}", f"--progress={str(progress).lower()}", *overrides]
+                started = time.perf_counter()
+                policy, _, _ = run_search(argv)
+                # The whole search (fit, polish, export), kept so that a resumed sweep can sum it.
+                policy.provenance["search"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+                policy.save(path)
+            search_seconds += policy.provenance["search"].get("wall_seconds", policy.provenance["search"]["seconds"])
             searched.append((Path(space).stem, budget, policy))
-    search_seconds = time.perf_counter() - started
 
     # Evaluate with the searches' own settings (overrides such as --model.scheduler included).
     first = searched[0][2]
@@ -84,7 +96,7 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
              f"--seed {seed}", f"--out-dir {out_dir}"] + ([f"--captions {captions}"] if model == "shapes" else []) + [f"-- {' '.join(overrides)}" if overrides else ""]).strip(),
         "samples": samples, "seed": seed, "num_inference_steps": T, "guidance_scale": w,
         "scheduler": scheduler, "model": model, "captions": captions if model == "shapes" else None,
-        "search_seconds_total": round(search_seconds, 1),
+        "search_seconds_total": round(search_seconds, 1), "reused": reused,
         "interval_sweep_seconds": round(interval_seconds, 1),
     }
     atomic_write_text(out_dir / "sweep.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
@@ -92,6 +104,16 @@ def run_sweep(budgets: list[int], spaces: list[str], out_dir: Path, samples: int
     where = "digits" if model == "digits" else f"shapes, {captions} captions"
     plot_sweep(rows, out_dir / "sweep_front.png", f"{where}, {scheduler} {T} steps, w={w:g}, {samples} held-out samples")
     return rows
+
+
+def earlier_search(path: Path, space: str, budget: int) -> Policy | None:
+    """The policy an earlier sweep searched for ``space`` at ``budget``, or None (no file, or one
+    from another search)."""
+    if not path.is_file():
+        return None
+    policy = Policy.load(path)
+    search = policy.provenance.get("search", {})
+    return policy if search.get("space") == space and search.get("budget") == budget else None
 
 
 def quality_key(rows: list[dict]) -> str:

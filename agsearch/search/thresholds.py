@@ -242,7 +242,7 @@ class ThresholdSearchModule(SearchBase):
     microseconds.
     """
 
-    def __init__(self, space: str | dict = "adaptive_cosine", budget: int = 40, model: str = "digits",
+    def __init__(self, space: str | dict = "adaptive_cosine", budget: int = 40, model: str | None = None,
                  pipeline: str | None = None, prompts: str | None = None, scheduler: str | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, lr: float = 0.1, dual_lr: float = 2.0, distance: str = "mse",
                  temperature_start: float | None = None, temperature_end: float | None = None, init: str = "budget"):

@@ -227,6 +227,44 @@ def test_shapes_benchmark_writes_both_caption_tables_and_the_grid(tmp_path, caps
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_shapes_benchmark_resumes_a_finished_caption_set(tmp_path, capsys, monkeypatch):
+    import agsearch.eval.shapes as shapes_eval
+
+    made, interrupt, original = [], [True], shapes_eval.ShapesEvaluator
+
+    def evaluator(*args, captions, **kwargs):
+        if isinstance(captions, str):  # a caption set (the sample grid passes its captions)
+            made.append(captions)
+        if captions == "heldout" and interrupt[0]:
+            raise KeyboardInterrupt  # the run stops after the training captions
+        return original(*args, captions=captions, **kwargs)
+
+    monkeypatch.setattr(shapes_eval, "ShapesEvaluator", evaluator)
+
+    def bench(out, *extra, samples=4):
+        return main([str(a) for a in ["bench", "--model", "shapes", "--quick", "--samples", samples,
+                                           "--out-dir", out, "--no-progress", *extra]])
+
+    assert bench(tmp_path / "cut") == 130  # Ctrl-C
+    assert {p.name for p in (tmp_path / "cut").iterdir()} == {"benchmark.train.partial.json"}
+    interrupt[0] = False
+    made.clear()
+    assert bench(tmp_path / "other", "--resume") == 0 and made == ["train", "heldout"]  # nothing to take there
+    made.clear()
+    assert bench(tmp_path / "cut", "--resume", samples=3) == 0 and made == ["train", "heldout"]  # another protocol
+    interrupt[0] = True
+    assert bench(tmp_path / "cut") == 130
+    interrupt[0] = False
+    made.clear()
+    assert bench(tmp_path / "cut", "--resume") == 0 and made == ["heldout"]
+    capsys.readouterr()
+    resumed = json.loads((tmp_path / "cut" / "benchmark.json").read_text())["records"]
+    fresh = json.loads((tmp_path / "other" / "benchmark.json").read_text())["records"]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed["train"]) == drop(fresh["train"]) and drop(resumed["heldout"]) == drop(fresh["heldout"])
+    assert not any(p.name.endswith(".partial.json") for p in (tmp_path / "cut").iterdir())
+
+
 def test_eval_with_a_bad_caption_file_exits_2_and_writes_nothing(tmp_path, capsys):
     run(capsys, "baseline", "cfg", "--model", "shapes", "--out", tmp_path / "cfg.json")
     captions = tmp_path / "captions.txt"

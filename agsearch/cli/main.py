@@ -269,8 +269,10 @@ def cmd_bench(args) -> int:
         run_shapes_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
                              batch_size=min(args.batch_size, 500), device=args.device,
                              progress=not args.no_progress, quick=args.quick, policies=args.policy,
-                             families=args.families)
+                             families=args.families, resume=args.resume)
         return 0
+    if args.resume:
+        raise UserError("--resume is an option of the shapes benchmark (--model shapes)")
     from agsearch.eval.bench import run_benchmark
 
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
@@ -464,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace those families' rows in the existing OUT_DIR/benchmark.json instead of a new table")
     p.add_argument("--records", action="append", type=Path, default=[],
                    help="with --merge: add the records of an 'agsearch eval --json' run (same samples, seed, scheduler)")
+    p.add_argument("--resume", action="store_true",
+                   help="shapes: take a caption set an interrupted run of the same protocol finished "
+                        "(OUT_DIR/benchmark.SET.partial.json) instead of evaluating it again")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -45,9 +45,13 @@ GRID_NFE = 35
 def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 500,
                          device: str = "cpu", progress: bool = True, quick: bool = False,
                          policies: list[Path] = (), families: list[str] | None = None,
-                         splits: tuple[str, ...] = SPLITS) -> dict[str, list[dict]]:
+                         splits: tuple[str, ...] = SPLITS, resume: bool = False) -> dict[str, list[dict]]:
     """Every baseline (and each policy file, as family ``policy file``) on ``samples`` evaluation
-    noises per caption set; writes the tables, JSON and figures; returns the records per set."""
+    noises per caption set; writes the tables, JSON and figures; returns the records per set.
+
+    Each finished caption set is kept in ``out_dir/benchmark.<set>.partial.json`` until the tables
+    are written; with ``resume``, a set whose file holds the same protocol (samples, seed, policies)
+    is read from it instead of being evaluated again."""
     from agsearch.eval.shapes import ShapesEvaluator
     from agsearch.models.shapes import benchmark_settings, load_pipeline, load_scorer
 
@@ -59,18 +63,28 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     if not any(is_full_cfg(p) for _, p in suite):
         suite.insert(0, ("cfg", Policy.static(["cfg"] * steps, scale, name="cfg")))  # the tables' reference row
     pipe, scorer = load_pipeline(device=device), load_scorer().to(device)
+    out_dir = Path(out_dir)
     records, cosines = {}, {}
     for split in splits:
+        partial = out_dir / f"benchmark.{split}.partial.json"
+        protocol = {"samples": samples, "seed": seed, "captions": split, "settings": settings,
+                    "policies": [[family, policy.to_dict()] for family, policy in suite]}
+        kept = _read_partial(partial, protocol) if resume else None
+        if kept is not None:
+            print(f"{SPLIT_TITLES[split]}: reusing {partial} (--resume)", file=sys.stderr)
+            records[split], cosines[split] = kept
+            continue
         evaluator = ShapesEvaluator(samples=samples, seed=seed, captions=split, scheduler=settings["scheduler"],
                                     batch_size=batch_size, device=device, progress=progress, pipe=pipe, scorer=scorer)
         records[split] = suite_records(evaluator, suite)
         cosines[split] = evaluator.full_cfg_cosines[(steps, scale)]
+        atomic_write_text(partial, json.dumps({"protocol": protocol, "records": records[split],
+                                               "cosines": [c.tolist() for c in cosines[split]]}) + "\n")
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
     title = (f"built-in shapes model, {settings['scheduler'].upper()} {steps} steps, w = {scale:g}, "
              f"{samples} samples per caption set, seed {seed}")
-    out_dir = Path(out_dir)
     plot_fronts(records, out_dir / "fronts.png", title)
     last = "heldout" if "heldout" in cosines else splits[-1]
     cosine_title = title.replace(", w = ", ",\nw = ", 1) + f"; {SPLIT_TITLES[last]}"  # two lines: the plot is narrow
@@ -98,10 +112,25 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     atomic_write_text(out_dir / "benchmark.json", json.dumps(
         {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records},
         indent=2) + "\n")
+    for split in splits:
+        (out_dir / f"benchmark.{split}.partial.json").unlink(missing_ok=True)  # the tables hold them now
     for split, rows in records.items():
         print(f"{SPLIT_TITLES[split]}:\n{format_table(rows, markdown=False)}\n")
     print(f"wrote {out_dir / 'benchmark.md'}, benchmark.json, fronts.png, cosine.png, grid.png")
     return records
+
+
+def _read_partial(path: Path, protocol: dict) -> tuple[list[dict], tuple] | None:
+    """(records, cosines) of a caption set an earlier run finished under ``protocol``, or None."""
+    import torch
+
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or cut short: evaluate again
+    if kept.get("protocol") != json.loads(json.dumps(protocol)):
+        return None
+    return kept["records"], tuple(torch.tensor(c) for c in kept["cosines"])
 
 
 def _key_rows(rows: list[dict], what: str) -> list[str]:

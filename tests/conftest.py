@@ -30,3 +30,19 @@ def denoiser(random_unet):
 @pytest.fixture(params=["ddim", "euler", "dpm++"])
 def scheduler(request):
     return make_scheduler(request.param, SCHEDULER_CONFIG)
+
+
+class TinyPipes(dict):
+    """Each tiny diffusers pipeline of agsearch.testing (``tiny_<name>``) built on first use."""
+
+    def __missing__(self, name):
+        from agsearch import testing
+
+        self[name] = getattr(testing, f"tiny_{name}")()
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """Tiny pipelines by name, built once per test module: ``pipes["sd"]``, ``pipes["wan"]``, ..."""
+    return TinyPipes()

@@ -25,39 +25,86 @@ def test_guider_runs_the_policy_per_step():
         guider.num_conditions
 
 
+def test_guider_runs_an_adaptive_rule_per_batch():
+    policy = Policy.adaptive(3, 5.0, [0.5, 0.5, 0.5], space="eps", stop_scales=[5.0, 3.0, 5.0])
+    guider = PolicyGuidance.from_policy(policy)
+    c = torch.randn(2, 4, 8, 8)
+    far, near = -c + 0.1 * torch.randn(2, 4, 8, 8), c + 0.1 * torch.randn(2, 4, 8, 8)  # γ ≈ -1 and ≈ 1
+    mixed = torch.stack([far[0], near[1]])
+    for _ in range(2):  # a second trajectory starts guiding again
+        steps = []
+        for step, u in enumerate([mixed, near, near]):
+            guider.set_state(step, 3, torch.tensor(999))
+            steps.append(guider.num_conditions)
+            out = guider.forward(c, u if guider.num_conditions == 2 else None)
+            if step == 1:  # both samples agree now: the batch stops, at the stop scale
+                torch.testing.assert_close(out.pred, u + 3.0 * (c - u))
+        assert steps == [2, 2, 1]  # one sample still disagreed at step 0: the batch kept guiding
+        torch.testing.assert_close(out.pred, c)
+
+
 @pytest.mark.parametrize("policy,fragment", [
     (Policy.static(["cfg", "uncond"], 5.0), "'uncond'"),
-    (Policy.adaptive(4, 5.0, 0.9), "static policies"),
+    (Policy.adaptive(4, 5.0, 0.9), "eps space only"),
 ])
 def test_guider_refuses_what_it_cannot_run(policy, fragment):
     with pytest.raises(ValueError, match=fragment):
         PolicyGuidance.from_policy(policy)
 
 
-def test_guider_in_a_modular_sdxl_pipeline_matches_apply_policy():
+def modular_sdxl_latents(standard, policy: Policy, latents: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The latents of the modular SDXL pipeline on ``standard``'s components under the policy's
+    guider, and the rows that reached the UNet per call."""
     from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
         StableDiffusionXLAutoBlocks,
     )
 
+    modular = StableDiffusionXLAutoBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in standard.components.items() if v is not None},
+                              guider=PolicyGuidance.from_policy(policy))
+    modular.set_progress_bar_config(disable=True)
+    rows = []
+    handle = standard.unet.conv_in.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    try:
+        out = modular(prompt="a red cube", num_inference_steps=4, latents=latents.clone(), height=32, width=32,
+                      output="latents")
+    finally:
+        handle.remove()
+    return out, rows
+
+
+def test_guider_in_a_modular_sdxl_pipeline_matches_apply_policy():
     from agsearch import apply_policy
     from agsearch import testing as tiny_pipelines
 
     standard = tiny_pipelines.tiny_sdxl()
-    modular = StableDiffusionXLAutoBlocks().init_pipeline()
     policy = Policy.static(["cfg", "cfg", "cond", "cond"], 5.0)
-    modular.update_components(**{k: v for k, v in standard.components.items() if v is not None},
-                              guider=PolicyGuidance.from_policy(policy))
-    modular.set_progress_bar_config(disable=True)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    rows = []
-    handle = standard.unet.conv_in.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    try:
-        ours = modular(prompt="a red cube", num_inference_steps=4, latents=latents.clone(), height=32, width=32,
-                       output="latents")
-    finally:
-        handle.remove()
+    ours, rows = modular_sdxl_latents(standard, policy, latents)
     assert sum(rows) == policy.nfe  # the unconditional forward is skipped on cond steps
     with apply_policy(standard, policy):
         theirs = standard("a red cube", num_inference_steps=4, guidance_scale=5.0, latents=latents.clone(),
                           height=32, width=32, output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_adaptive_guider_in_a_modular_sdxl_pipeline_matches_apply_policy_for_one_sample():
+    """At batch 1 the batch-level rule is the per-sample rule: the modular pipeline under the guider
+    gives apply_policy's latents and skips the same unconditional passes."""
+    from agsearch import apply_policy
+    from agsearch import testing as tiny_pipelines
+
+    standard = tiny_pipelines.tiny_sdxl()
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with apply_policy(standard, Policy.adaptive(4, 5.0, 1.0, space="eps")) as probe:  # θ = 1: never stops
+        standard("a red cube", num_inference_steps=4, guidance_scale=5.0, latents=latents.clone(), height=32,
+                 width=32, output_type="latent")
+    gammas = [float(g[0]) for g in probe.gammas]
+    assert max(gammas[1:3]) > gammas[0]  # so this threshold stops the rule at step 1 or 2
+    policy = Policy.adaptive(4, 5.0, max(gammas[1:3]), space="eps")
+    ours, rows = modular_sdxl_latents(standard, policy, latents)
+    with apply_policy(standard, policy) as runner:
+        theirs = standard("a red cube", num_inference_steps=4, guidance_scale=5.0, latents=latents.clone(),
+                          height=32, width=32, output_type="latent").images
+    assert 4 < sum(rows) == runner.nfe.item() < 8  # it stopped guiding part-way, in both
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

@@ -16,19 +16,6 @@ W = 5.0
 CUTOFF = {"sd": "SDCFGCutoffCallback", "sdxl": "SDXLCFGCutoffCallback", "sd3": "SD3CFGCutoffCallback"}
 
 
-class _Pipes(dict):
-    """Each tiny pipeline built on first use, once per test module."""
-
-    def __missing__(self, name):
-        self[name] = getattr(tiny_pipelines, f"tiny_{name}")()
-        return self[name]
-
-
-@pytest.fixture(scope="module")
-def pipes():
-    return _Pipes()
-
-
 def _denoiser(pipe):
     return pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
 
@@ -201,15 +188,29 @@ def test_step_count_mismatch_is_refused_unless_resampled(pipes):
     assert [ops[0] for ops in runner.ops] == ["cfg"] * 3 + ["cond"] * 3
 
 
-def test_affine_policies_are_refused_not_run_as_cond(pipes):
-    from agsearch.linear_ag import affine_step, load_builtin
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_affine_steps_run_in_the_pipeline_as_in_the_sampler(pipes, name):
+    """LinearAG's affine steps under apply_policy: the hook carries the past estimates, so the
+    pipeline's latents are agsearch.sample's, and an affine step runs the conditional pass only."""
+    from agsearch import sample
+    from agsearch.denoisers.text import TextCondition, denoiser_for
+    from agsearch.linear_ag import affine_step
 
-    coef = load_builtin()["coefficients"][1]
-    policy = Policy.static(["cfg", affine_step(coef), "cond", "cond"], W)
-    with pytest.raises(ValueError, match="affine"):
-        with apply_policy(pipes["sd"], policy):
-            pass
-    assert "forward" not in pipes["sd"].unet.__dict__
+    pipe = pipes[name]
+    coef = {"eps_c": 1.1, "eps_c_prev": -0.3, "eps_u_prev": 0.25, "x": 0.01, "bias": 0.0}
+    # The last affine step follows a cond step, which provides no ε_u: it falls back to cfg (2 passes).
+    policy = Policy.static(["cfg", affine_step(coef), "cond", affine_step(coef, fallback="cfg")], W)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts, negatives = ["a red cube", "a dog"], ["blurry", ""]
+    size = 16 * pipe.vae_scale_factor
+    with apply_policy(pipe, policy) as runner, RowCounter(pipe) as counter:
+        theirs = pipe(prompts, negative_prompt=negatives, latents=latents.clone(), num_inference_steps=T,
+                      guidance_scale=W, output_type="latent", height=size, width=size).images
+    ours = sample(denoiser_for(pipe), pipe.scheduler, policy, latents.clone(),
+                  TextCondition.from_pipeline(pipe, prompts, negatives))
+    torch.testing.assert_close(ours.samples, theirs, rtol=0, atol=1e-5)
+    assert runner.nfe.tolist() == ours.nfe.tolist() == [6.0, 6.0] and counter.rows == 12
+    assert runner.ops == [["cfg"] * 2, ["affine"] * 2, ["cond"] * 2, ["affine"] * 2]
 
 
 def test_pipeline_is_left_as_it_was(pipes, tmp_path):

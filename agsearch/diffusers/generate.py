@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from agsearch.diffusers.hook import SUPPORTED, apply_policy
+from agsearch.diffusers.hook import apply_policy
 from agsearch.eval.clip import mse_psnr
 from agsearch.io import atomic_write_bytes, read_text_file
 from agsearch.policy import Policy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The pipelines generate drives (apply_policy runs more: agsearch.diffusers.hook.SUPPORTED).
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 
 
 @dataclass

@@ -1,26 +1,41 @@
-"""Run agsearch guidance policies inside unmodified diffusers text-to-image pipelines.
+"""Run agsearch guidance policies inside unmodified diffusers pipelines.
 
 ``with apply_policy(pipe, policy): pipe(prompt, negative_prompt=..., num_inference_steps=T,
-guidance_scale=w)`` makes an ordinary pipeline call follow ``policy`` (static or adaptive):
+guidance_scale=w)`` makes an ordinary pipeline call follow ``policy`` (static, per-step scales,
+LinearAG's affine steps, or the adaptive rule):
 
-* a ``cfg`` step runs both passes, as the pipeline does;
-* a ``cond`` step runs only the conditional rows of the denoiser batch (the batch really shrinks:
-  half the evaluations) and hands the pipeline ε_c for both halves, so its own CFG arithmetic
-  ε_u + w (ε_c − ε_u) yields ε_c; an ``uncond`` step likewise runs only the unconditional rows;
-* a ``cfg`` step at its own scale w_t ≠ w hands back ε_u' = ε_c − (w_t − 1)/(w − 1) · (ε_c − ε_u),
-  for which the pipeline's ε_u' + w (ε_c − ε_u') = ε_u + w_t (ε_c − ε_u);
+* a ``cfg`` step runs both passes, at the step's own scale (else the policy's);
+* a ``cond`` step runs only the conditional pass: the unconditional one is not run at all;
+* an ``affine`` step (LinearAG) runs the conditional pass and replaces the unconditional one by
+  the affine map of the previous step's estimates, which the hook carries from step to step;
 * the Adaptive Guidance rule (Castillo et al., AAAI 2025, arXiv 2312.12487) runs per sample
-  through :class:`agsearch.guidance.controllers.AGController`: CFG while γ_t = cos(x̂0_c, x̂0_u) < γ̄, then
-  ``cond`` for that sample's remaining steps.
+  through :class:`agsearch.guidance.controllers.AGController`: CFG while γ_t = cos(x̂0_c, x̂0_u) < γ̄,
+  then ``cond`` for that sample's remaining steps.
 
-How: for the duration of the ``with`` block the denoiser's ``forward`` (``pipe.unet`` or
-``pipe.transformer``) is wrapped by an instance attribute, and the scheduler's ``set_timesteps``
-(which every pipeline call runs once, first) is wrapped to start a new trajectory; both are
-removed on exit, also on an exception, leaving the pipeline as it was. The pipeline's denoiser
-batch is ``[unconditional rows; conditional rows]`` (negative prompts in the first half) for all
-supported pipelines. Scales: a ``cfg`` step without its own scale runs at the policy's
-``guidance_scale``; the call's ``guidance_scale`` must be > 1 so that the pipeline builds the
-unconditional half at all (it is only used to invert the pipeline's arithmetic).
+Diffusers pipelines do CFG in one of two patterns, and one mechanism serves both:
+
+* **batched** (SD, SDXL, SD3, PixArt-α/Σ, Sana): one denoiser call per step on
+  ``[unconditional rows; conditional rows]``. The hook runs only the rows some sample needs (the
+  batch really shrinks) and hands back each sample's output in both halves, so the pipeline's own
+  ``ε_u + W (ε_c − ε_u)`` returns it unchanged whatever its scale W;
+* **two calls** (Wan 2.1/2.2, Flux with ``true_cfg_scale``, Qwen-Image): the conditional call, then
+  the unconditional one. The hook answers the first with ε_c; at the second it runs only the rows
+  that need it (none on a ``cond`` step) and writes each sample's output into the tensor it
+  returned for the first call and returns the same, so the pipeline's arithmetic again returns it.
+
+Each family declares, in :data:`FAMILIES`, which attribute holds the denoiser (Wan 2.2 has two
+experts), its pattern, what the denoiser predicts and the pipeline's own post-CFG rescaling, which
+the hook then applies to the steps it guides itself (SD/SDXL's ``guidance_rescale``, Qwen-Image's
+norm rescale). A step that is plain CFG at the call's own scale in a batched pipeline whose scale is
+known runs the pipeline's own forward untouched.
+
+How: for the duration of the ``with`` block the denoisers' ``forward`` is wrapped by an instance
+attribute, the scheduler's ``set_timesteps`` (which every pipeline call runs once, first) starts a
+new trajectory and its ``step`` (once per sampling step) closes a step; all are removed on exit,
+also on an exception, leaving the pipeline as it was. The call must build the unconditional inputs
+when the policy needs them (``guidance_scale > 1``; Flux and Qwen-Image: ``true_cfg_scale > 1`` and
+a negative prompt); a policy that needs them in a call that does not is an error, not a silent
+conditional-only run.
 """
 
 from __future__ import annotations
@@ -28,43 +43,121 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from agsearch.guidance.controllers import AGController, StepStats, controller_for
-from agsearch.guidance.ops import cosine, op_passes, predict_x0, uncond_for_scale
+from agsearch.guidance.ops import PastEstimates, affine_output, cfg, cosine, op_passes, predict_x0
+from agsearch.linear_ag import needs_past
 from agsearch.policy import Policy
 
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
+
+@dataclass(frozen=True)
+class Family:
+    """How the pipelines of one family run CFG.
+
+    classes: diffusers pipeline class names.
+    denoisers: the attributes that hold the denoiser(s), in the order the pipeline may use them.
+    pattern: ``batched`` (one call on [uncond; cond] halves) or ``two_calls`` (cond call, then uncond).
+    parameterisation: ``flow``, or None for the scheduler's ``prediction_type``.
+    rescale: the pipeline's rescaling of a guided prediction: ``std`` (``guidance_rescale``, Lin et al.
+        2023, arXiv 2305.08891) or ``norm`` (Qwen-Image: the guided prediction takes ε_c's norm per token).
+    scale_known: the call's scale is readable (``pipe.guidance_scale``), so plain CFG at it can run
+        the pipeline's own forward.
+    cfg_flag: batched: where the call says whether it built the unconditional half: ``property``
+        (``pipe.do_classifier_free_guidance``) or ``encode_prompt`` (its argument of that name; PixArt
+        keeps the flag in a local variable).
+    """
+
+    classes: tuple[str, ...]
+    denoisers: tuple[str, ...]
+    pattern: str = "batched"
+    parameterisation: str | None = None
+    rescale: str | None = None
+    scale_known: bool = True
+    cfg_flag: str = "property"
 
 
-def _check_supported(pipe) -> torch.nn.Module:
-    import diffusers
+FAMILIES = (
+    Family(("StableDiffusionPipeline", "StableDiffusionXLPipeline"), ("unet",), rescale="std"),
+    Family(("StableDiffusion3Pipeline",), ("transformer",), parameterisation="flow"),
+    Family(("PixArtAlphaPipeline", "PixArtSigmaPipeline"), ("transformer",), scale_known=False,
+           cfg_flag="encode_prompt"),
+    Family(("SanaPipeline",), ("transformer",), parameterisation="flow"),
+    Family(("WanPipeline",), ("transformer", "transformer_2"), "two_calls", "flow"),
+    Family(("FluxPipeline",), ("transformer",), "two_calls", "flow"),
+    Family(("QwenImagePipeline",), ("transformer",), "two_calls", "flow", rescale="norm"),
+)
+SUPPORTED = tuple(name for family in FAMILIES for name in family.classes)
+ENABLE_UNCOND = {"batched": "pass guidance_scale > 1",
+                 "two_calls": "pass guidance_scale > 1 (Wan) or true_cfg_scale > 1 and a negative_prompt "
+                              "(Flux, Qwen-Image)"}
 
-    classes = tuple(getattr(diffusers, name) for name in SUPPORTED)
-    if not isinstance(pipe, classes):
-        raise ValueError(f"pipeline class {type(pipe).__name__!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    return pipe.transformer if isinstance(pipe, diffusers.StableDiffusion3Pipeline) else pipe.unet
+
+def family_of(pipe) -> Family:
+    """The :class:`Family` of a pipeline instance (its exact class; subclasses are not assumed to
+    run CFG the same way), or ``ValueError`` naming the supported classes."""
+    name = type(pipe).__name__
+    for family in FAMILIES:
+        if name in family.classes and type(pipe).__module__.startswith("diffusers"):
+            return family
+    raise ValueError(f"pipeline class {name!r} is not supported; supported: {', '.join(SUPPORTED)}")
+
+
+def pipeline_x(scheduler, x_in: torch.Tensor, i: int, parameterisation: str) -> torch.Tensor:
+    """The unscaled sample behind the model input ``x_in`` at step ``i`` (σ-parameterised
+    schedulers feed the model x / sqrt(σ² + 1); flow matching feeds x itself)."""
+    if parameterisation != "flow" and float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+        return x_in * (scheduler.sigmas[i].to(x_in) ** 2 + 1).sqrt()
+    return x_in
 
 
 def pipeline_x0(scheduler, x_in: torch.Tensor, out: torch.Tensor, t, i: int, parameterisation: str) -> torch.Tensor:
     """x̂0 implied by a denoiser output ``out`` on the model input ``x_in`` at step ``i``:
-    :func:`agsearch.guidance.ops.predict_x0` on the unscaled sample (σ-parameterised schedulers feed
-    the model x / sqrt(σ² + 1); flow matching feeds x itself)."""
-    x = x_in
-    if parameterisation != "flow" and float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
-        x = x_in * (scheduler.sigmas[i].to(x_in) ** 2 + 1).sqrt()
-    return predict_x0(scheduler, x, out, t, i, parameterisation)
+    :func:`agsearch.guidance.ops.predict_x0` on the unscaled sample. A denoiser that also predicts
+    its variance (PixArt: twice the channels) gives x̂0 from its first half."""
+    if out.dim() > 1 and out.shape[1] == 2 * x_in.shape[1]:
+        out = out[:, : x_in.shape[1]]
+    return predict_x0(scheduler, pipeline_x(scheduler, x_in, i, parameterisation), out, t, i, parameterisation)
 
 
 def _select_rows(value, rows: torch.Tensor, full: int):
-    """``value`` with every tensor whose leading dimension is the full denoiser batch cut to ``rows``."""
+    """``value`` with every tensor (or list) whose leading size is the denoiser batch cut to ``rows``."""
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == full:
         return value.index_select(0, rows.to(value.device))
+    if isinstance(value, list) and len(value) == full and full > 1:
+        return [value[j] for j in rows.tolist()]
     if isinstance(value, dict):
         return {k: _select_rows(v, rows, full) for k, v in value.items()}
     return value
+
+
+def _rescaled(kind: str | None, guided: torch.Tensor, out_c: torch.Tensor, phi: float) -> torch.Tensor:
+    """The pipeline's own rescaling of a guided prediction (as its code does it, so plain CFG is
+    reproduced bit for bit)."""
+    if kind == "norm":
+        return guided * (torch.norm(out_c, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+    if kind == "std" and phi > 0:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        return rescale_noise_cfg(guided, out_c, guidance_rescale=phi)
+    return guided
+
+
+@dataclass
+class _Step:
+    """One sampling step under way: the plan and what the passes returned so far."""
+
+    i: int
+    ops: list[dict]
+    scales: list[float | None]
+    need: torch.Tensor  # (N, 2) bool: conditional, unconditional pass per sample
+    x_in: torch.Tensor  # (N, ...) the model input of the conditional rows
+    t: torch.Tensor
+    out_c: torch.Tensor | None = None  # two calls: the tensor handed back for the conditional call
+    uncond_call: bool = False
 
 
 class PolicyRunner:
@@ -73,34 +166,34 @@ class PolicyRunner:
     After a pipeline call, ``nfe`` (N,) holds the denoiser evaluations per image of that call
     (N = batch × num_images_per_prompt), ``ops`` the op each image ran at each step (T lists of
     N op names), ``gammas`` the adaptive rule's γ_t per step and ``forward_rows`` the total rows
-    the denoiser evaluated.
+    the denoisers evaluated.
     """
 
     def __init__(self, pipe, policy: Policy | str | Path, resample: bool = False):
         self.pipe = pipe
-        self.denoiser = _check_supported(pipe)
-        # What the denoiser predicts: SD3's transformer the flow velocity, a UNet what its scheduler says.
-        self.parameterisation = ("flow" if self.denoiser is getattr(pipe, "transformer", None)
-                                 else pipe.scheduler.config.get("prediction_type", "epsilon"))
+        self.family = family_of(pipe)
+        self.denoisers = [getattr(pipe, name) for name in self.family.denoisers if getattr(pipe, name, None) is not None]
+        if not self.denoisers:
+            raise ValueError(f"{type(pipe).__name__} has no denoiser ({' or '.join(self.family.denoisers)})")
+        self.parameterisation = self.family.parameterisation or pipe.scheduler.config.get("prediction_type", "epsilon")
         self.policy = policy if isinstance(policy, Policy) else Policy.load(policy)
-        if any(step["op"] == "affine" for step in self.policy.steps or []):
-            # Without the past estimates an affine step would silently run as ``cond``.
-            raise ValueError("affine (LinearAG) steps need the sampler's past estimates, which apply_policy does "
-                             "not carry yet; run them with agsearch.sample over agsearch.denoisers.text")
+        if self.family.pattern == "two_calls" and any(step["op"] == "uncond" for step in self.policy.steps or []):
+            raise ValueError(f"uncond steps cannot run in {type(pipe).__name__}, which makes the conditional call "
+                             "first; use cfg or cond there")
         self.resample = resample
-        self._forward = self.denoiser.forward  # the bound forward (or whatever hook is there now)
-        self._signature = inspect.signature(self._forward)
-        self._sample_arg = next(iter(self._signature.parameters))  # "sample" / "hidden_states"
+        self._forwards = {id(d): d.forward for d in self.denoisers}  # the bound forwards (or hooks there now)
+        self._signatures = {id(d): inspect.signature(d.forward) for d in self.denoisers}
         self.step: int | None = None  # None outside a pipeline call
         self.nfe: torch.Tensor | None = None
         self.ops: list[list[str]] = []
         self.forward_rows = 0
         self.gammas: list[torch.Tensor] = []  # adaptive rule: γ_t (N,) per step, NaN where not both
         self._saved: list[tuple[object, str, bool, object]] = []
+        self._current: _Step | None = None
 
     # -- install / remove -------------------------------------------------------------------------
     def install(self) -> None:
-        if getattr(self.denoiser.forward, "_agsearch_runner", None) is not None:
+        if any(getattr(d.forward, "_agsearch_runner", None) is not None for d in self.denoisers):
             raise ValueError("apply_policy is already active on this pipeline; nested policies are not supported")
         scheduler = self.pipe.scheduler
 
@@ -110,13 +203,31 @@ class PolicyRunner:
             self._start()
             return result
 
-        @functools.wraps(self._forward)
-        def forward(*args, **kwargs):
-            return self._step(*args, **kwargs)
+        @functools.wraps(scheduler.step)
+        def step(*args, _orig=scheduler.step, **kwargs):
+            self._end_step()
+            return _orig(*args, **kwargs)
 
-        forward._agsearch_runner = self
         self._patch(scheduler, "set_timesteps", set_timesteps)
-        self._patch(self.denoiser, "forward", forward)
+        self._patch(scheduler, "step", step)
+        if self.family.cfg_flag == "encode_prompt":
+            encode, signature = self.pipe.encode_prompt, inspect.signature(self.pipe.encode_prompt)
+
+            @functools.wraps(encode)
+            def encode_prompt(*args, **kwargs):
+                self._cfg_built = bool(signature.bind(*args, **kwargs).arguments.get("do_classifier_free_guidance", True))
+                return encode(*args, **kwargs)
+
+            self._patch(self.pipe, "encode_prompt", encode_prompt)
+        for denoiser in self.denoisers:
+            key = id(denoiser)
+
+            @functools.wraps(self._forwards[key])
+            def forward(*args, _key=key, **kwargs):
+                return self._call(_key, *args, **kwargs)
+
+            forward._agsearch_runner = self
+            self._patch(denoiser, "forward", forward)
 
     def _patch(self, obj, name: str, value) -> None:
         had = name in obj.__dict__
@@ -134,6 +245,7 @@ class PolicyRunner:
     # -- one pipeline call -----------------------------------------------------------------------
     def _start(self) -> None:
         self.step, self.controller, self.nfe, self.ops, self.gammas = 0, None, None, [], []
+        self._current, self._past = None, None
 
     def _chosen(self, plan) -> tuple[list[dict], list[float | None]]:
         """Each sample's op under a hard plan (the op of its largest weight) and its CFG scale
@@ -141,101 +253,212 @@ class PolicyRunner:
         ops = [plan.ops[k] for k in plan.weights.argmax(dim=1).tolist()]
         return ops, [float(op.get("scale", self.default_scale)) if op["op"] == "cfg" else None for op in ops]
 
-    def _step(self, *args, **kwargs):
+    def _call(self, key: int, *args, **kwargs):
         if self.step is None:  # the denoiser called outside a pipeline call: leave it alone
-            return self._forward(*args, **kwargs)
+            return self._forwards[key](*args, **kwargs)
         if kwargs.get("skip_layers") is not None:
             raise ValueError("skip-layer guidance (skip_guidance_layers) is not supported under apply_policy")
-        bound = self._signature.bind(*args, **kwargs)
-        x_in = bound.arguments[self._sample_arg]  # (2N, C, H, W) with CFG, else (N, ...)
+        bound = self._signatures[key].bind(*args, **kwargs)
+        x_in = next(iter(bound.arguments.values()))  # sample / hidden_states
+        if self.family.pattern == "two_calls":
+            if self._current is None:
+                return self._conditional_call(key, bound, x_in)
+            if self._current.uncond_call:
+                raise ValueError(f"the denoiser ran three times in step {self.step}; "
+                                 "only a conditional and an unconditional call per step are supported")
+            return self._unconditional_call(key, bound, x_in)
+        if self._current is not None:
+            raise ValueError(f"the denoiser ran twice in step {self.step}; only one denoiser call per step is supported")
+        return self._batched_call(key, bound, x_in)
+
+    def _plan(self, n: int, x_in: torch.Tensor) -> _Step:
+        """The ops of step ``self.step`` for ``n`` samples and the passes they need."""
         i = self.step
         timesteps = self.pipe.scheduler.timesteps
         if i >= len(timesteps):
-            raise ValueError(f"the denoiser ran {i + 1} times in a {len(timesteps)}-step call; "
-                             "only one denoiser call per step is supported")
+            raise ValueError(f"the denoiser ran at step {i + 1} of a {len(timesteps)}-step call; "
+                             "only one step per scheduler step is supported")
         if i == 0:
             policy = self.policy.for_steps(len(timesteps), self.resample)
             self.controller = controller_for(policy)
             self.default_scale = float(policy.guidance_scale)
-        cfg_batch = bool(self.pipe.do_classifier_free_guidance)
-        n = x_in.shape[0] // 2 if cfg_batch else x_in.shape[0]
         device = x_in.device
         plan = self.controller.plan(i, n, device)
         ops, scales = self._chosen(plan)
         need = torch.tensor([op_passes(op) for op in ops], device=device)  # (N, 2): cond, uncond
-        if not cfg_batch and bool(need[:, 1].any()):
-            raise ValueError(f"the policy runs unconditional passes but the pipeline call has guidance_scale="
-                             f"{self.pipe.guidance_scale}; pass guidance_scale > 1")
+        avail = self._availability(ops)
+        for j, op in enumerate(ops):
+            if op["op"] == "affine" and avail[j] < 1:
+                if op.get("fallback") == "cfg":
+                    need[j, 1] = True
+                elif op.get("fallback") is None:
+                    why = "it is the first step" if i == 0 else "the previous step did not provide them"
+                    raise ValueError(f"step {i}: an affine op needs the previous step's estimates, but {why} "
+                                     "and it has no fallback")
         self.nfe = (self.nfe if self.nfe is not None else 0) + need.sum(dim=1).float()
         self.ops.append([op["op"] for op in ops])
-        self.step += 1
+        self._plan_obj = plan
+        return _Step(i, ops, scales, need, x_in, timesteps[i])
 
-        w = float(self.pipe.guidance_scale)
-        if not cfg_batch:  # every sample runs ``cond``: the pipeline's own batch is that
-            self.forward_rows += n
-            return self._forward(*args, **kwargs)
-        if bool(need.all()) and all(s == w for s in scales) and not isinstance(self.controller, AGController):
-            self.forward_rows += 2 * n  # plain CFG at the call's scale: the pipeline's own forward
-            return self._forward(*args, **kwargs)
+    def _availability(self, ops: list[dict]) -> torch.Tensor:
+        """(N,) p of each sample's op: whether the past estimates its affine map needs are there
+        (none before the first step)."""
+        if self._past is None:
+            return torch.tensor([0.0 if op["op"] == "affine" and needs_past(op["coef"]) else 1.0 for op in ops])
+        return torch.stack([self._past.availability(op)[j] for j, op in enumerate(ops)])
 
-        # Rows to run: unconditional rows [0, N) where needed, then conditional rows [N, 2N).
-        rows_u = need[:, 1].nonzero().flatten()
-        rows_c = need[:, 0].nonzero().flatten()
-        rows = torch.cat([rows_u, n + rows_c])
-        if len(rows) == 2 * n:
-            out = self._forward(*args, **kwargs)
+    def _needs_custom(self, step: _Step, call_scale: float | None) -> bool:
+        """Whether the step differs from plain CFG at the call's scale (so the hook computes it)."""
+        if call_scale is None or isinstance(self.controller, AGController) or not bool(step.need.all()):
+            return True
+        return any(op["op"] != "cfg" or s != call_scale for op, s in zip(step.ops, step.scales))
+
+    def _run(self, key: int, bound, rows: torch.Tensor, full: int):
+        """The denoiser on ``rows`` of its ``full``-row batch (the whole call when all rows run)."""
+        if len(rows) == full:
+            out = self._forwards[key](*bound.args, **bound.kwargs)
         else:
             sub = {}
+            signature = self._signatures[key]
             for name, value in bound.arguments.items():
-                if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                    sub.update({k: _select_rows(v, rows, 2 * n) for k, v in value.items()})
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    sub.update({k: _select_rows(v, rows, full) for k, v in value.items()})
                 else:
-                    sub[name] = _select_rows(value, rows, 2 * n)
-            out = self._forward(**sub)
+                    sub[name] = _select_rows(value, rows, full)
+            out = self._forwards[key](**sub)
         self.forward_rows += len(rows)
-        pred = out[0] if isinstance(out, tuple) else out.sample  # (rows, C, H, W)
-        eps_u, eps_c = torch.zeros_like(x_in[:n]), torch.zeros_like(x_in[:n])
-        eps_u[rows_u] = pred[: len(rows_u)]
-        eps_c[rows_c] = pred[len(rows_u):]
+        return out, (out[0] if isinstance(out, tuple) else out.sample)
 
+    @staticmethod
+    def _wrap(out, pred: torch.Tensor):
+        return (pred,) + tuple(out[1:]) if isinstance(out, tuple) else type(out)(sample=pred)
+
+    # -- the batched pattern -----------------------------------------------------------------------
+    def _batched_call(self, key: int, bound, x_in: torch.Tensor):
+        cfg_batch = bool(self.pipe.do_classifier_free_guidance if self.family.cfg_flag == "property"
+                         else getattr(self, "_cfg_built", True))
+        n = x_in.shape[0] // 2 if cfg_batch else x_in.shape[0]
+        step = self._plan(n, x_in[n:] if cfg_batch else x_in)
+        self._current = step
+        if not cfg_batch and bool(step.need[:, 1].any()):
+            scale = f" (guidance_scale={self.pipe.guidance_scale})" if self.family.scale_known else ""
+            raise ValueError(f"the policy runs unconditional passes but the pipeline call builds no unconditional "
+                             f"batch{scale}; {ENABLE_UNCOND['batched']}")
+        if not cfg_batch:  # conditional rows only: the pipeline uses the output as it is
+            out, pred = self._run(key, bound, torch.arange(n), n)
+            return self._wrap(out, self._finish(step, pred, torch.zeros_like(pred)))
+        call_scale = float(self.pipe.guidance_scale) if self.family.scale_known else None
+        if not self._needs_custom(step, call_scale):  # plain CFG at the call's scale: the pipeline's own
+            out, pred = self._run(key, bound, torch.arange(2 * n), 2 * n)
+            self._finish(step, pred[n:], pred[:n])  # the passes feed later affine steps
+            return out
+        rows_u = step.need[:, 1].nonzero().flatten()
+        rows_c = step.need[:, 0].nonzero().flatten()
+        out, pred = self._run(key, bound, torch.cat([rows_u, n + rows_c]), 2 * n)
+        out_u = pred.new_zeros((n,) + pred.shape[1:])
+        out_c = pred.new_zeros((n,) + pred.shape[1:])
+        out_u[rows_u] = pred[: len(rows_u)]
+        out_c[rows_c] = pred[len(rows_u):]
+        target = self._finish(step, out_c, out_u)
+        return self._wrap(out, torch.cat([target, target]))
+
+    # -- the two-call pattern ----------------------------------------------------------------------
+    def _conditional_call(self, key: int, bound, x_in: torch.Tensor):
+        step = self._plan(x_in.shape[0], x_in)
+        out, pred = self._run(key, bound, torch.arange(x_in.shape[0]), x_in.shape[0])
+        step.out_c = pred
+        self._current = step
+        return out
+
+    def _unconditional_call(self, key: int, bound, x_in: torch.Tensor):
+        step = self._current
+        step.uncond_call = True
+        n = x_in.shape[0]
+        rows_u = step.need[:, 1].nonzero().flatten()
+        out_u = torch.zeros_like(step.out_c)
+        out = None
+        if len(rows_u):
+            out, pred = self._run(key, bound, rows_u, n)
+            out_u[rows_u] = pred
+        target = self._finish(step, step.out_c, out_u)
+        step.out_c.copy_(target)  # the pipeline holds this tensor as its conditional prediction
+        if out is not None:
+            return self._wrap(out, target.clone())
+        if not bound.arguments.get("return_dict", True):
+            return (target.clone(),)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=target.clone())
+
+    # -- both patterns -------------------------------------------------------------------------------
+    def _finish(self, step: _Step, out_c: torch.Tensor, out_u: torch.Tensor) -> torch.Tensor:
+        """Each sample's output at ``step`` from the passes that ran; observes the adaptive rule and
+        keeps the estimates the next step's affine ops need."""
+        n, i = out_c.shape[0], step.i
+        ran_c, ran_u = step.need[:, 0], step.need[:, 1]
+        both = ran_c & ran_u
         if isinstance(self.controller, AGController):  # the adaptive rule observes γ where both ran
-            both = need.all(dim=1)
-            t = timesteps[i]
-            nan = torch.full((n,), float("nan"), device=device)
+            nan = torch.full((n,), float("nan"), device=out_c.device)
             cos_x0, cos_eps = nan.clone(), nan.clone()
             if bool(both.any()):
-                xs = x_in[n:].float()
-                x0_c = pipeline_x0(self.pipe.scheduler, xs, eps_c.float(), t, i, self.parameterisation)
-                x0_u = pipeline_x0(self.pipe.scheduler, xs, eps_u.float(), t, i, self.parameterisation)
+                x0_c = pipeline_x0(self.pipe.scheduler, step.x_in.float(), out_c.float(), step.t, i, self.parameterisation)
+                x0_u = pipeline_x0(self.pipe.scheduler, step.x_in.float(), out_u.float(), step.t, i, self.parameterisation)
                 cos_x0 = torch.where(both, cosine(x0_c, x0_u), nan)
-                cos_eps = torch.where(both, cosine(eps_c.float(), eps_u.float()), nan)
+                cos_eps = torch.where(both, cosine(out_c.float(), out_u.float()), nan)
             self.gammas.append(cos_x0 if self.controller.space == "x0" else cos_eps)
-            self.controller.observe(i, StepStats(i, t, x_in[n:], eps_c, eps_u, need[:, 0], need[:, 1], both,
+            self.controller.observe(i, StepStats(i, step.t, step.x_in, out_c, out_u, ran_c, ran_u, both,
                                                  cos_x0, cos_eps))
-            ops, scales = self._chosen(plan)  # a sample that stops here may run its stop scale (same passes)
+            step.ops, step.scales = self._chosen(self._plan_obj)  # a sample that stops here may run its stop scale
 
-        # What the pipeline's ε_u' + w (ε_c' − ε_u') must turn into each sample's op output.
-        new_u, new_c = eps_u.clone(), eps_c.clone()
-        for j, op in enumerate(ops):
+        phi = float(getattr(self.pipe, "guidance_rescale", 0.0) or 0.0)
+        x = pipeline_x(self.pipe.scheduler, step.x_in, i, self.parameterisation)
+        avail = self._availability(step.ops).to(out_c)
+        past_all = self._past if self._past is not None else PastEstimates.none(out_c)
+        target = torch.empty_like(out_c)
+        provided_u = torch.zeros_like(out_c)
+        have_u = torch.zeros(n, device=out_c.device, dtype=out_c.dtype)
+        for j, (op, scale) in enumerate(zip(step.ops, step.scales)):
+            c, u = out_c[j: j + 1], out_u[j: j + 1]
             if op["op"] == "cond":
-                new_u[j] = eps_c[j]
+                target[j] = c[0]
             elif op["op"] == "uncond":
-                new_c[j] = eps_u[j]
-            elif scales[j] != w:
-                new_u[j] = uncond_for_scale(eps_c[j], eps_u[j], scales[j], w)
-        pred = torch.cat([new_u, new_c])
-        return (pred,) + tuple(out[1:]) if isinstance(out, tuple) else type(out)(sample=pred)
+                target[j], provided_u[j], have_u[j] = u[0], u[0], 1.0
+            elif op["op"] == "cfg":
+                target[j] = _rescaled(self.family.rescale, cfg(c, u, scale), c, phi)[0]
+                provided_u[j], have_u[j] = u[0], 1.0
+            else:  # affine
+                past = PastEstimates(past_all.eps_c[j: j + 1], past_all.eps_u[j: j + 1],
+                                     past_all.have_c[j: j + 1], past_all.have_u[j: j + 1])
+                output, gives, gave = affine_output(op, c, u, x[j: j + 1], past, avail[j: j + 1], self.default_scale)
+                guided = bool(avail[j] > 0) or op.get("fallback") == "cfg"
+                target[j] = (_rescaled(self.family.rescale, output, c, phi) if guided else output)[0]
+                provided_u[j], have_u[j] = gives[0], gave[0]
+        self._past = PastEstimates(out_c.detach().clone(), provided_u, ran_c.to(out_c.dtype), have_u)
+        return target
+
+    def _end_step(self) -> None:
+        """The scheduler is about to step: the current step is over."""
+        if self.step is None:
+            return
+        step = self._current
+        if step is not None and self.family.pattern == "two_calls" and not step.uncond_call:
+            if bool(step.need[:, 1].any()):
+                raise ValueError(f"the policy runs unconditional passes at step {step.i} but the pipeline call made "
+                                 f"no unconditional call; {ENABLE_UNCOND['two_calls']}")
+            target = self._finish(step, step.out_c, torch.zeros_like(step.out_c))
+            step.out_c.copy_(target)  # e.g. affine steps: the pipeline steps with this tensor
+        self._current = None
+        self.step += 1
 
 
 @contextlib.contextmanager
 def apply_policy(pipe, policy: Policy | str | Path, resample: bool = False):
     """Make ordinary calls of a diffusers pipeline follow a guidance ``policy`` (see module doc).
 
-    ``pipe``: a StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline.
-    ``policy``: a :class:`~agsearch.policy.Policy` or a policy file. A call whose step count differs
-    from the policy's raises :class:`~agsearch.policy.PolicyError` unless ``resample`` (steps are
-    then mapped by position, :meth:`Policy.resample`). Yields the :class:`PolicyRunner`, whose
-    ``nfe`` reports the last call's denoiser evaluations per image.
+    ``pipe``: one of :data:`SUPPORTED`. ``policy``: a :class:`~agsearch.policy.Policy` or a policy
+    file. A call whose step count differs from the policy's raises :class:`~agsearch.policy.PolicyError`
+    unless ``resample`` (steps are then mapped by position, :meth:`Policy.resample`). Yields the
+    :class:`PolicyRunner`, whose ``nfe`` reports the last call's denoiser evaluations per image.
     """
     runner = PolicyRunner(pipe, policy, resample)
     runner.install()

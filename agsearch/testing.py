@@ -287,7 +287,7 @@ def tiny_sana(seed: int = 0):
     tokenizer = _trained_tokenizer(GemmaTokenizerFast(add_bos_token=True), vocab_size=256)
     text_encoder = Gemma2Model(Gemma2Config(
         vocab_size=len(tokenizer), hidden_size=8, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager"))
     transformer = SanaTransformer2DModel(
         sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,

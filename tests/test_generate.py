@@ -109,3 +109,31 @@ def test_generate_reports_clip_scores(folder, tmp_path, capsys):
     assert "CLIP score" in stdout and "(full CFG" in stdout
     r = json.loads(report.read_text())
     assert 0 <= r["clip_score"][0] <= 100 and 0 <= r["full_cfg_clip_score"][0] <= 100
+
+
+SIZES = {"pixart_sigma": 16, "sana": 32, "wan": 32, "flux": 16, "qwen_image": 32}
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_generate_on_the_transformer_pipelines(name, tmp_path, capsys):
+    """generate drives each family its own way (true CFG with a negative prompt, video frames to a
+    GIF, no resolution binning at a size given), from a saved folder, under a policy."""
+    from PIL import Image
+
+    from agsearch import testing
+
+    getattr(testing, f"tiny_{name}")().save_pretrained(tmp_path / name)
+    Policy.static(["cfg", "cond"], 4.0).save(tmp_path / "policy.json")
+    video = name == "wan"
+    out = tmp_path / ("clip.gif" if video else "img.png")
+    size = SIZES[name]
+    code, stdout, err = run(capsys, "generate", "--pipeline", tmp_path / name, "--policy", tmp_path / "policy.json",
+                            "--prompt", "a red circle", "--height", size, "--width", size, "--out", out,
+                            *(["--frames", 5] if video else []))
+    assert code == 0, err
+    assert "Cc: NFE 3 per image of 4 for full CFG (75%)" in stdout and "PSNR" in stdout
+    image = Image.open(out)
+    assert image.size == (size, size) and getattr(image, "n_frames", 1) == (5 if video else 1)
+    code, _, err = run(capsys, "generate", "--pipeline", tmp_path / name, "--policy", tmp_path / "policy.json",
+                       "--prompt", "a red circle", "--out", tmp_path / ("x.png" if video else "x.gif"))
+    assert code == 2 and ("a .gif file" if video else "a .png file") in err and err.count("\n") == 1

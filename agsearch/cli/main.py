@@ -94,6 +94,13 @@ def _image_side(text: str) -> int:
     return value
 
 
+def _frames(text: str) -> int:
+    value = _int_up_to(1024, "frames")(text)
+    if value < 1 or (value - 1) % 4:
+        raise argparse.ArgumentTypeError(f"expected 4k + 1 frames (the video VAE's 4× in time), got {text}")
+    return value
+
+
 def _scale(text: str) -> float:
     value = _nonneg_float(text)
     if value > MAX_SCALE:
@@ -331,6 +338,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_generate(args) -> int:
     from agsearch.diffusers.generate import (
+        VIDEO,
         Prompt,
         generate,
         load_pipeline,
@@ -343,8 +351,14 @@ def cmd_generate(args) -> int:
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise UserError("give exactly one of --prompt and --prompt-file")
-    if args.out.suffix.lower() != ".png":
-        raise UserError(f"--out must be a .png file, got {args.out}")
+    video = pipeline_class(args.pipeline) in VIDEO
+    suffix = ".gif" if video else ".png"
+    if args.out.suffix.lower() != suffix:
+        raise UserError(f"--out must be a {suffix} file for this {'video' if video else 'image'} pipeline, got {args.out}")
+    if args.frames is not None and not video:
+        raise UserError("--frames is for video pipelines (Wan)")
+    if video and args.clip_weights is not None:
+        raise UserError("--clip-weights scores images; this is a video pipeline")
     _check_out(args.out)
     if args.prompt is not None:
         if not args.prompt.strip():
@@ -364,10 +378,9 @@ def cmd_generate(args) -> int:
         from agsearch.eval.clip import check_clip_files
 
         check_clip_files(args.clip_model, args.clip_weights)  # a ValueError: one line, exit 2
-    pipeline_class(args.pipeline)
     pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
     result = generate(pipe, policy, prompts, seed=args.seed, steps=args.steps, resample=args.resample,
-                      reference=not args.no_reference, height=args.height, width=args.width)
+                      reference=not args.no_reference, height=args.height, width=args.width, frames=args.frames)
     r = result["report"]
     if args.clip_weights is not None:
         from agsearch.eval.clip import ClipScorer
@@ -538,13 +551,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", action="store_true", help="map a policy with another step count by position")
     p.add_argument("--height", type=_image_side, help="image height (default: the pipeline's)")
     p.add_argument("--width", type=_image_side, help="image width (default: the pipeline's)")
+    p.add_argument("--frames", type=_frames, help="video pipelines: frames, 4k + 1 (default: the pipeline's)")
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--no-reference", action="store_true", help="skip the full-CFG reference call")
     p.add_argument("--clip-weights", type=Path, help="open-clip weights file: also report CLIP scores")
     p.add_argument("--clip-model", default="ViT-B-32", help="open-clip model name of --clip-weights")
     p.add_argument("--json", type=Path, help="write the NFE/time report as JSON here")
-    p.add_argument("--out", type=Path, required=True, help="PNG to write (<stem>-<i>.png for several prompts)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="PNG to write (a GIF for a video pipeline; <stem>-<i>.png for several prompts)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("show", help="validate policy files and print a one-line summary of each")

@@ -1,10 +1,11 @@
-"""``agsearch generate``: one text-to-image call of a local diffusers pipeline under a policy.
+"""``agsearch generate``: one text-to-image (or text-to-video) call of a local diffusers pipeline under a policy.
 
 Loads a pipeline folder (``save_pretrained`` layout; nothing is downloaded), samples the prompt(s)
 under the policy with :func:`agsearch.diffusers.hook.apply_policy`, then — unless told not to — the
 same prompt(s) and noise under full CFG, and reports NFE and wall time of both and the policy's
 pixel MSE/PSNR against the full-CFG image (images in [0, 1]; PSNR = 10 log10(1 / MSE)).
 Prompt files hold one prompt per line, or JSON Lines ``{"prompt": ..., "negative_prompt": ...}``.
+Video pipelines (Wan) write an animated GIF per prompt.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from agsearch.diffusers.hook import apply_policy
+from agsearch.diffusers.hook import SUPPORTED, apply_policy
 from agsearch.eval.clip import mse_psnr
 from agsearch.io import atomic_write_bytes, read_text_file
 from agsearch.policy import Policy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# The pipelines generate drives (apply_policy runs more: agsearch.diffusers.hook.SUPPORTED).
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
+TRUE_CFG = ("FluxPipeline", "QwenImagePipeline")  # guided by true_cfg_scale and a negative prompt
+VIDEO = ("WanPipeline",)
+BINNED = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline")  # sizes rounded to trained aspect bins
 
 
 @dataclass
@@ -135,16 +137,24 @@ def png_bytes(image: torch.Tensor) -> bytes:
 
 def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, steps: int | None = None,
              resample: bool = False, reference: bool = True, height: int | None = None,
-             width: int | None = None, warmup: bool = True) -> dict:
+             width: int | None = None, warmup: bool = True, frames: int | None = None) -> dict:
     """Sample ``prompts`` (image i from seed ``seed + i``) under ``policy`` and, if ``reference``,
-    under full CFG from the same noise. Returns the images (N, 3, H, W) in [0, 1] and a report."""
+    under full CFG from the same noise. Returns the images (N, 3, H, W) in [0, 1] (a video
+    pipeline: (N, F, 3, H, W), ``frames`` frames) and a report."""
     steps = steps or policy.num_inference_steps
     policy = policy.for_steps(steps, resample)  # refused here, before any sampling
     device = pipe.device
-    kwargs = dict(prompt=[p.prompt for p in prompts], num_inference_steps=steps,
-                  guidance_scale=policy.guidance_scale, output_type="pt", height=height, width=width)
-    if any(p.negative_prompt for p in prompts):
+    name = type(pipe).__name__
+    kwargs = dict(prompt=[p.prompt for p in prompts], num_inference_steps=steps, output_type="pt",
+                  height=height, width=width)
+    # The call's scale only makes the pipeline build the unconditional inputs: the policy's scales apply.
+    kwargs["true_cfg_scale" if name in TRUE_CFG else "guidance_scale"] = policy.guidance_scale
+    if any(p.negative_prompt for p in prompts) or name in TRUE_CFG:  # true CFG runs only with a negative prompt
         kwargs["negative_prompt"] = [p.negative_prompt or "" for p in prompts]
+    if name in BINNED and height is not None and width is not None:
+        kwargs["use_resolution_binning"] = False  # a size given is the size made
+    if frames is not None:
+        kwargs["num_frames"] = frames
 
     if warmup:  # the first calls of a process at each batch shape pay one-time setup costs
         ops = [policy.steps[0], policy.steps[-1]] if policy.steps else ["cfg", "cond"]
@@ -155,7 +165,8 @@ def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, step
         generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
         start = time.perf_counter()
         with torch.inference_mode():
-            images = pipe(generator=generators, **kwargs, **extra).images
+            out = pipe(generator=generators, **kwargs, **extra)
+            images = out.frames if name in VIDEO else out.images
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return images.float().cpu(), time.perf_counter() - start
@@ -180,8 +191,21 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i:03d}{out.suffix}") for i in range(count)]
 
 
+def gif_bytes(frames: torch.Tensor, fps: int = 8) -> bytes:
+    """(F, 3, H, W) frames in [0, 1] as an animated GIF that loops."""
+    from PIL import Image
+
+    arrays = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    images = [Image.fromarray(a) for a in arrays]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+    return buffer.getvalue()
+
+
 def write_images(images: torch.Tensor, out: Path) -> list[Path]:
-    data = [png_bytes(image) for image in images]  # encode everything before writing anything
+    """PNGs of (N, 3, H, W) images, or GIFs of (N, F, 3, H, W) videos."""
+    encode = gif_bytes if images.dim() == 5 else png_bytes
+    data = [encode(image) for image in images]  # encode everything before writing anything
     paths = output_paths(out, len(data))
     for path, blob in zip(paths, data):
         atomic_write_bytes(path, blob)

@@ -251,7 +251,7 @@ def test_bad_use_is_refused(pipes):
 
 
 @pytest.mark.parametrize("name,prediction", [("sd", "epsilon"), ("sd", "v_prediction"),
-                                             ("sd3", "flow")])
+                                             ("sdxl", "epsilon"), ("sd3", "flow")])
 def test_denoiser_adapters_reproduce_the_pipeline(pipes, name, prediction):
     """agsearch's own sampler over the adapters gives the latents the pipeline gives under apply_policy
     (ε, v and flow-matching velocity), for a static policy with a per-step scale and for AG."""
@@ -261,8 +261,8 @@ def test_denoiser_adapters_reproduce_the_pipeline(pipes, name, prediction):
     pipe = tiny_pipelines.tiny_sd(prediction_type=prediction) if prediction == "v_prediction" else pipes[name]
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     prompts, negatives = ["a red cube", "a dog"], ["blurry", ""]
-    cond = TextCondition.from_pipeline(pipe, prompts, negatives)
     size = 16 * pipe.vae_scale_factor
+    cond = TextCondition.from_pipeline(pipe, prompts, negatives, size=size)  # SDXL: its time ids
     for policy in (Policy.static(["cfg", {"op": "cfg", "scale": 3.0}, "cond", "cfg"], W), Policy.adaptive(T, W, 0.0)):
         with apply_policy(pipe, policy) as runner:
             theirs = pipe(prompts, negative_prompt=negatives, latents=latents.clone(), num_inference_steps=T,

@@ -29,12 +29,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from agsearch.testing import tiny_sd, tiny_sd3
+    from agsearch.testing import tiny_sd, tiny_sd3, tiny_sdxl
 
     root = tmp_path_factory.mktemp("search-text")
-    for name, pipe in (("sd", tiny_sd()), ("sd3", tiny_sd3())):
+    for name, pipe in (("sd", tiny_sd()), ("sdxl", tiny_sdxl()), ("sd3", tiny_sd3())):
         # 16×16 latents by default (the search's latent shape is the pipeline's default), to keep it fast
-        (pipe.unet if name == "sd" else pipe.transformer).register_to_config(sample_size=16)
+        (pipe.transformer if name == "sd3" else pipe.unet).register_to_config(sample_size=16)
         pipe.save_pretrained(root / name)
     (root / "prompts.txt").write_text("a red cube\na dog\n\na cat on a mat\n", "utf-8")
     (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), "utf-8")
@@ -56,6 +56,7 @@ def tiny_search(tmp_path, pipeline, prompts, *extra):
 
 @pytest.mark.parametrize("name, prompts, cls, scheduler", [
     ("sd", "prompts.jsonl", "StableDiffusionPipeline", "DDIMScheduler"),
+    ("sdxl", "prompts.jsonl", "StableDiffusionXLPipeline", "EulerDiscreteScheduler"),
     ("sd3", "prompts.txt", "StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler"),
 ])
 def test_search_on_a_pipeline_folder_writes_the_policy(files, tmp_path, capsys, name, prompts, cls, scheduler):
@@ -64,7 +65,7 @@ def test_search_on_a_pipeline_folder_writes_the_policy(files, tmp_path, capsys, 
     assert code == 0, err
     policy = Policy.load(out)
     assert policy.nfe == 6 and policy.num_inference_steps == T
-    assert policy.guidance_scale == (7.5 if name == "sd" else 7.0)  # the pipeline's own default
+    assert policy.guidance_scale == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0}[name]  # the pipeline's own default
     provenance = policy.provenance
     assert provenance["model"] == str((files / name).resolve()) and provenance["scheduler"] == scheduler
     assert provenance["pipeline"] == {"folder": str((files / name).resolve()), "class": cls,
@@ -82,7 +83,7 @@ def test_search_on_a_pipeline_folder_writes_the_policy(files, tmp_path, capsys, 
     assert exported.nfe == 5 and exported.provenance["pipeline"] == provenance["pipeline"]
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
 def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
     """The module's cached teacher for (seed, prompt i) equals the plain pipeline call with
     ``generator=torch.Generator().manual_seed(seed)`` at the same steps and scale, negative prompt
@@ -116,7 +117,7 @@ def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
 
 @pytest.mark.parametrize("case, fragment", [
     ("missing folder", "does not exist"),
-    ("sdxl", "not supported by the search"),
+    ("pixart", "not supported by the search"),
     ("unknown class", "'KandinskyPipeline'"),
     ("empty prompts", "the prompt file is empty"),
     ("missing prompts", "cannot read prompt file"),
@@ -131,10 +132,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys
     extra = []
     if case == "missing folder":
         pipeline = tmp_path / "nope"
-    elif case in ("sdxl", "unknown class"):
+    elif case in ("pixart", "unknown class"):
         pipeline = tmp_path / "other"
         pipeline.mkdir()
-        name = "StableDiffusionXLPipeline" if case == "sdxl" else "KandinskyPipeline"
+        name = "PixArtSigmaPipeline" if case == "pixart" else "KandinskyPipeline"
         (pipeline / "model_index.json").write_text(json.dumps({"_class_name": name}))
     elif case == "empty prompts":
         prompts = tmp_path / "empty.txt"

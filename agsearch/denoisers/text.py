@@ -1,7 +1,8 @@
 """Denoiser adapters for diffusers text-to-image models, behind ``agsearch.denoisers.Denoiser``.
 
 ``UNetTextDenoiser`` wraps a ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x; ε or v
-prediction — the output is the model's own, the scheduler's ``prediction_type`` says which);
+prediction — the output is the model's own, the scheduler's ``prediction_type`` says which; SDXL's,
+with its added text-time conditioning: the pooled text embedding and the size/crop time ids);
 ``SD3TextDenoiser`` wraps an ``SD3Transformer2DModel`` (Stable Diffusion 3, rectified-flow
 velocity v = ε − x_0, Esser et al. 2024, arXiv 2403.03206). The condition is a :class:`TextCondition`
 of the prompt and negative-prompt embeddings a pipeline's ``encode_prompt`` returns; the
@@ -21,29 +22,53 @@ import torch
 class TextCondition:
     prompt_embeds: torch.Tensor  # (B, L, D)
     negative_prompt_embeds: torch.Tensor  # (B, L, D)
-    pooled: torch.Tensor | None = None  # (B, P) SD3's pooled CLIP embeddings
+    pooled: torch.Tensor | None = None  # (B, P) SD3's and SDXL's pooled text embeddings
     negative_pooled: torch.Tensor | None = None  # (B, P)
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop, target size
+    negative_time_ids: torch.Tensor | None = None  # (B, 6)
+
+    def _map(self, fn) -> "TextCondition":
+        return TextCondition(*(None if t is None else fn(t) for t in (
+            self.prompt_embeds, self.negative_prompt_embeds, self.pooled, self.negative_pooled, self.time_ids,
+            self.negative_time_ids)))
 
     def __getitem__(self, index) -> "TextCondition":
         """Rows ``index`` (a tensor of indices or a mask) of every embedding: the conditions of a
         sub-batch, e.g. the prompts of the search's pairs."""
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return TextCondition(pick(self.prompt_embeds), pick(self.negative_prompt_embeds),
-                             pick(self.pooled), pick(self.negative_pooled))
+        return self._map(lambda t: t[index])
 
     def __len__(self) -> int:
         return len(self.prompt_embeds)
 
     def to(self, device) -> "TextCondition":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TextCondition(move(self.prompt_embeds), move(self.negative_prompt_embeds),
-                             move(self.pooled), move(self.negative_pooled))
+        return self._map(lambda t: t.to(device))
 
     @classmethod
-    def from_pipeline(cls, pipe, prompts: list[str], negative_prompts: list[str] | None = None) -> "TextCondition":
-        """Encode ``prompts`` with the pipeline's own text encoders (SD 1.x/2.x or SD3)."""
+    def from_pipeline(cls, pipe, prompts: list[str], negative_prompts: list[str] | None = None,
+                      size: int | None = None) -> "TextCondition":
+        """Encode ``prompts`` with the pipeline's own text encoders (SD 1.x/2.x, SDXL or SD3). A
+        negative prompt that is None is the pipeline's own default: the empty prompt, or for SDXL
+        with ``force_zeros_for_empty_prompt`` zero embeddings. SDXL's time ids are those of its
+        default call at ``size`` pixels (default: the UNet's sample size)."""
         device = pipe.device
+        missing = [n is None for n in (negative_prompts or [None] * len(prompts))]
+        negative_prompts = [n or "" for n in (negative_prompts or [None] * len(prompts))]
         with torch.no_grad():
+            if hasattr(pipe, "text_encoder_2") and hasattr(pipe, "unet"):  # SDXL
+                pe, npe, pooled, npooled = pipe.encode_prompt(
+                    prompts, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                    negative_prompt=negative_prompts)
+                if pipe.config.get("force_zeros_for_empty_prompt", False) and any(missing):
+                    zero = torch.tensor(missing, device=device)
+                    npe = torch.where(zero.view(-1, 1, 1), torch.zeros_like(npe), npe)
+                    npooled = torch.where(zero.view(-1, 1), torch.zeros_like(npooled), npooled)
+                side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+                projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                              else pipe.text_encoder_2.config.projection_dim)
+                ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), dtype=pe.dtype,
+                                             text_encoder_projection_dim=projection).to(device)
+                ids = ids.expand(len(prompts), -1)
+                return cls(pe, npe, pooled, npooled, ids, ids.clone())
             if hasattr(pipe, "transformer"):
                 pe, npe, pooled, npooled = pipe.encode_prompt(
                     prompts, prompts, None, device=device, do_classifier_free_guidance=True,
@@ -77,9 +102,14 @@ class UNetTextDenoiser:
         x_in = torch.cat([x[run_cond], x[run_uncond]])  # (n_c + n_u, C, H, W)
         if len(x_in) == 0:
             return torch.zeros_like(x), torch.zeros_like(x)
+        dtype = self.unet.dtype
         ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
+        added = None
+        if cond.time_ids is not None:  # SDXL's added text-time conditioning
+            added = {"text_embeds": torch.cat([cond.pooled[run_cond], cond.negative_pooled[run_uncond]]).to(dtype),
+                     "time_ids": torch.cat([cond.time_ids[run_cond], cond.negative_time_ids[run_uncond]]).to(dtype)}
         self.evaluations += len(x_in)
-        out = self.unet(x_in.to(self.unet.dtype), t, encoder_hidden_states=ctx.to(self.unet.dtype)).sample
+        out = self.unet(x_in.to(dtype), t, encoder_hidden_states=ctx.to(dtype), added_cond_kwargs=added).sample
         return _scatter(x, out, run_cond, run_uncond)
 
 
@@ -109,6 +139,6 @@ def denoiser_for(pipe):
     """The adapter for a pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
     if getattr(pipe, "transformer", None) is not None:
         return SD3TextDenoiser(pipe.transformer)
-    if getattr(pipe, "unet", None) is not None and getattr(pipe.unet.config, "addition_embed_type", None) is None:
+    if getattr(pipe, "unet", None) is not None and getattr(pipe.unet.config, "addition_embed_type", None) in (None, "text_time"):
         return UNetTextDenoiser(pipe.unet, pipe.scheduler.config.get("prediction_type", "epsilon"))
-    raise ValueError(f"no denoiser adapter for {type(pipe).__name__} (supported: SD 1.x/2.x UNets, SD3)")
+    raise ValueError(f"no denoiser adapter for {type(pipe).__name__} (supported: SD 1.x/2.x and SDXL UNets, SD3)")

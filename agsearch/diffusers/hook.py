@@ -181,6 +181,8 @@ class PolicyRunner:
             raise ValueError(f"uncond steps cannot run in {type(pipe).__name__}, which makes the conditional call "
                              "first; use cfg or cond there")
         self.resample = resample
+        # Affine steps need the previous step's estimates: the hook keeps them only then.
+        self._carries_estimates = any(step["op"] == "affine" for step in self.policy.steps or [])
         self._forwards = {id(d): d.forward for d in self.denoisers}  # the bound forwards (or hooks there now)
         self._signatures = {id(d): inspect.signature(d.forward) for d in self.denoisers}
         self.step: int | None = None  # None outside a pipeline call
@@ -286,7 +288,7 @@ class PolicyRunner:
         plan = self.controller.plan(i, n, device)
         ops, scales = self._chosen(plan)
         need = torch.tensor([op_passes(op) for op in ops], device=device)  # (N, 2): cond, uncond
-        avail = self._availability(ops)
+        avail = self._availability(ops) if self._carries_estimates else None
         for j, op in enumerate(ops):
             if op["op"] == "affine" and avail[j] < 1:
                 if op.get("fallback") == "cfg":
@@ -411,29 +413,45 @@ class PolicyRunner:
             step.ops, step.scales = self._chosen(self._plan_obj)  # a sample that stops here may run its stop scale
 
         phi = float(getattr(self.pipe, "guidance_rescale", 0.0) or 0.0)
-        x = pipeline_x(self.pipe.scheduler, step.x_in, i, self.parameterisation)
-        avail = self._availability(step.ops).to(out_c)
-        past_all = self._past if self._past is not None else PastEstimates.none(out_c)
-        target = torch.empty_like(out_c)
-        provided_u = torch.zeros_like(out_c)
-        have_u = torch.zeros(n, device=out_c.device, dtype=out_c.dtype)
+        carry = self._carries_estimates
+        if carry:
+            x = pipeline_x(self.pipe.scheduler, step.x_in, i, self.parameterisation)
+            avail = self._availability(step.ops).to(out_c)
+            past = self._past if self._past is not None else PastEstimates.none(out_c)
+            provided_u = torch.zeros_like(out_c)
+            have_u = torch.zeros(n, device=out_c.device, dtype=out_c.dtype)
+        # The samples that run the same op at the same scale, computed as one batch (all of them, mostly).
+        groups: dict[tuple[int, float | None], list[int]] = {}
         for j, (op, scale) in enumerate(zip(step.ops, step.scales)):
-            c, u = out_c[j: j + 1], out_u[j: j + 1]
+            groups.setdefault((id(op), scale), []).append(j)
+        target = None if len(groups) == 1 else torch.empty_like(out_c)
+        for (_, scale), rows in groups.items():
+            op = step.ops[rows[0]]
+            r = slice(None) if len(rows) == n else torch.tensor(rows, device=out_c.device)
+            c, u = out_c[r], out_u[r]
+            gives = None
             if op["op"] == "cond":
-                target[j] = c[0]
+                output = c
             elif op["op"] == "uncond":
-                target[j], provided_u[j], have_u[j] = u[0], u[0], 1.0
+                output, gives = u, u
             elif op["op"] == "cfg":
-                target[j] = _rescaled(self.family.rescale, cfg(c, u, scale), c, phi)[0]
-                provided_u[j], have_u[j] = u[0], 1.0
+                output, gives = _rescaled(self.family.rescale, cfg(c, u, scale), c, phi), u
             else:  # affine
-                past = PastEstimates(past_all.eps_c[j: j + 1], past_all.eps_u[j: j + 1],
-                                     past_all.have_c[j: j + 1], past_all.have_u[j: j + 1])
-                output, gives, gave = affine_output(op, c, u, x[j: j + 1], past, avail[j: j + 1], self.default_scale)
-                guided = bool(avail[j] > 0) or op.get("fallback") == "cfg"
-                target[j] = (_rescaled(self.family.rescale, output, c, phi) if guided else output)[0]
-                provided_u[j], have_u[j] = gives[0], gave[0]
-        self._past = PastEstimates(out_c.detach().clone(), provided_u, ran_c.to(out_c.dtype), have_u)
+                sub = PastEstimates(past.eps_c[r], past.eps_u[r], past.have_c[r], past.have_u[r])
+                output, gives, gave = affine_output(op, c, u, x[r], sub, avail[r], self.default_scale)
+                if bool((avail[r] > 0).any()) or op.get("fallback") == "cfg":  # a guided output
+                    output = _rescaled(self.family.rescale, output, c, phi)
+                have_u[r] = gave
+            if target is None:
+                target = output
+            else:
+                target[r] = output
+            if carry and gives is not None:
+                provided_u[r] = gives
+                if op["op"] != "affine":
+                    have_u[r] = 1.0
+        if carry:
+            self._past = PastEstimates(out_c.detach().clone(), provided_u, ran_c.to(out_c.dtype), have_u)
         return target
 
     def _end_step(self) -> None:

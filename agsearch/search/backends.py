@@ -82,7 +82,7 @@ class DigitsBackend:
 def pipeline_settings(pipeline: str, prompts: str | None) -> dict:
     """Check a pipeline folder and prompt file cheaply (before loading any weights) and return the
     run defaults: the pipeline's own scheduler (``None``), ``SEARCH_STEPS`` steps and the guidance
-    scale of the pipeline class's ``__call__`` (7.5 for SD 1.x/2.x, 7.0 for SD3)."""
+    scale of the pipeline class's ``__call__`` (7.5 for SD 1.x/2.x, 5.0 for SDXL, 7.0 for SD3)."""
     import inspect
 
     import diffusers
@@ -93,9 +93,8 @@ def pipeline_settings(pipeline: str, prompts: str | None) -> dict:
         raise ValueError(f"model.pipeline={pipeline} needs model.prompts=FILE (one prompt per line, or JSON Lines)")
     name = pipeline_class(pipeline)  # the folder exists and names a class apply_policy supports
     if name not in TextPipelineBackend.SUPPORTED:
-        raise ValueError(f"pipeline class {name!r} in {pipeline} is not supported by the search "
-                         f"(its UNet needs SDXL's added text-time conditioning); supported: "
-                         f"{', '.join(TextPipelineBackend.SUPPORTED)}")
+        raise ValueError(f"pipeline class {name!r} in {pipeline} is not supported by the search (no denoiser "
+                         f"adapter yet); supported: {', '.join(TextPipelineBackend.SUPPORTED)}")
     read_prompts(prompts)  # empty or malformed files fail here, with the line
     scale = inspect.signature(getattr(diffusers, name).__call__).parameters["guidance_scale"].default
     return {"scheduler": None, "num_inference_steps": SEARCH_STEPS, "guidance_scale": float(scale)}
@@ -107,22 +106,23 @@ class TextPipelineBackend:
     The pipeline is loaded with ``local_files_only`` (nothing is downloaded); its prompts are
     encoded once by its own text encoders, which are then dropped with the VAE: the search keeps
     the frozen denoiser (``unet``, or SD3's ``transformer``), the scheduler and the embeddings
-    (``agsearch.denoisers.text``). The unconditional pass uses each prompt's negative prompt (the
-    empty prompt when it has none). Noise for seed s is ``torch.randn((C, h, w), generator=
+    (``agsearch.denoisers.text``). The unconditional pass uses each prompt's negative prompt (when it
+    has none, the pipeline's default: the empty prompt, or SDXL's zero embeddings). Noise for seed s is ``torch.randn((C, h, w), generator=
     torch.Generator().manual_seed(s))`` of the pipeline's default latent shape — the latents the
     pipeline itself draws for ``generator=torch.Generator().manual_seed(s)`` — so the teacher is
     the pipeline's own full-CFG call.
 
     Args:
-        pipeline: the folder (``save_pretrained`` layout) of a StableDiffusionPipeline or a
+        pipeline: the folder (``save_pretrained`` layout) of a StableDiffusionPipeline,
+            StableDiffusionXLPipeline (its added text-time conditioning at the default size) or
             StableDiffusion3Pipeline.
         prompts: one prompt per line, or JSON Lines with ``prompt`` and ``negative_prompt``
             (``agsearch.diffusers.generate.read_prompts``).
         scheduler: ``None`` for the pipeline's own scheduler, or ``ddim``/``euler``/``dpm++``
-            built from its config (SD 1.x/2.x only; SD3 is flow matching).
+            built from its config (SD 1.x/2.x and SDXL; SD3 is flow matching).
     """
 
-    SUPPORTED = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
+    SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 
     def __init__(self, pipeline: str, prompts: str, scheduler: str | None = None):
         from agsearch.denoisers.text import (
@@ -142,7 +142,7 @@ class TextPipelineBackend:
         self.scheduler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, dict(pipe.scheduler.config))
         self.pipe = pipe  # its VAE decodes latents for CLIP scores
         self.cond = TextCondition.from_pipeline(pipe, [p.prompt for p in self.prompts],
-                                                [p.negative_prompt or "" for p in self.prompts])
+                                                [p.negative_prompt for p in self.prompts])
         self.denoiser = denoiser_for(pipe)
         # The module's device check reads ``unet``: the frozen denoiser, UNet or SD3 transformer.
         self.unet = (pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).requires_grad_(False).eval()

@@ -108,3 +108,38 @@ def test_adaptive_guider_in_a_modular_sdxl_pipeline_matches_apply_policy_for_one
                           height=32, width=32, output_type="latent").images
     assert 4 < sum(rows) == runner.nfe.item() < 8  # it stopped guiding part-way, in both
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_guider_in_a_modular_wan_pipeline_matches_apply_policy(adaptive):
+    """The modular Wan 2.1 pipeline (two passes per step as two batches of the guider) under the
+    policy's guider gives the WanPipeline's latents under apply_policy, with the same rows."""
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
+
+    from agsearch import apply_policy
+    from agsearch import testing as tiny_pipelines
+
+    standard = tiny_pipelines.tiny_wan()
+    call = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=3, height=32, width=32,
+                num_frames=5, max_sequence_length=16)
+    latents = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    if adaptive:  # a threshold just below the first step's agreement: the rule stops there
+        with apply_policy(standard, Policy.adaptive(3, 4.0, 1.0, space="eps")) as probe:
+            standard(**call, guidance_scale=4.0, latents=latents.clone(), output_type="latent")
+        policy = Policy.adaptive(3, 4.0, float(probe.gammas[0][0]) - 1e-6, space="eps")
+    else:
+        policy = Policy.static(["cfg", {"op": "cfg", "scale": 2.0}, "cond"], 4.0)
+    modular = WanBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in standard.components.items() if v is not None},
+                              guider=PolicyGuidance.from_policy(policy))
+    modular.set_progress_bar_config(disable=True)
+    rows = []
+    handle = standard.transformer.patch_embedding.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    try:
+        ours = modular(**call, latents=latents.clone(), output="latents")
+    finally:
+        handle.remove()
+    with apply_policy(standard, policy) as runner:
+        theirs = standard(**call, guidance_scale=4.0, latents=latents.clone(), output_type="latent").frames
+    assert sum(rows) == runner.nfe.item() == (4 if adaptive else 5)  # adaptive: cfg, then cond
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

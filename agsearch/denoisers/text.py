@@ -4,7 +4,9 @@
 prediction — the output is the model's own, the scheduler's ``prediction_type`` says which; SDXL's,
 with its added text-time conditioning: the pooled text embedding and the size/crop time ids);
 ``SD3TextDenoiser`` wraps an ``SD3Transformer2DModel`` (Stable Diffusion 3, rectified-flow
-velocity v = ε − x_0, Esser et al. 2024, arXiv 2403.03206). The condition is a :class:`TextCondition`
+velocity v = ε − x_0, Esser et al. 2024, arXiv 2403.03206); ``PixArtTextDenoiser`` a
+``PixArtTransformer2DModel`` of PixArt-Σ (ε prediction from T5 embeddings with their attention
+masks; the learned variance half of its output is dropped, as the pipeline drops it). The condition is a :class:`TextCondition`
 of the prompt and negative-prompt embeddings a pipeline's ``encode_prompt`` returns; the
 unconditional pass uses the negative prompt (the empty prompt when none is given). Only the rows a
 sample needs are evaluated, conditional and unconditional rows batched into one forward, as in
@@ -26,11 +28,13 @@ class TextCondition:
     negative_pooled: torch.Tensor | None = None  # (B, P)
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop, target size
     negative_time_ids: torch.Tensor | None = None  # (B, 6)
+    mask: torch.Tensor | None = None  # (B, L) PixArt: the T5 tokens' attention mask
+    negative_mask: torch.Tensor | None = None  # (B, L)
 
     def _map(self, fn) -> "TextCondition":
         return TextCondition(*(None if t is None else fn(t) for t in (
             self.prompt_embeds, self.negative_prompt_embeds, self.pooled, self.negative_pooled, self.time_ids,
-            self.negative_time_ids)))
+            self.negative_time_ids, self.mask, self.negative_mask)))
 
     def __getitem__(self, index) -> "TextCondition":
         """Rows ``index`` (a tensor of indices or a mask) of every embedding: the conditions of a
@@ -54,6 +58,10 @@ class TextCondition:
         missing = [n is None for n in (negative_prompts or [None] * len(prompts))]
         negative_prompts = [n or "" for n in (negative_prompts or [None] * len(prompts))]
         with torch.no_grad():
+            if type(pipe).__name__ == "PixArtSigmaPipeline":  # as its __call__ encodes (clean_caption, 300 tokens)
+                pe, pm, npe, npm = pipe.encode_prompt(prompts, True, negative_prompt=negative_prompts, device=device,
+                                                      clean_caption=True, max_sequence_length=300)
+                return cls(pe, npe, mask=pm, negative_mask=npm)
             if hasattr(pipe, "text_encoder_2") and hasattr(pipe, "unet"):  # SDXL
                 pe, npe, pooled, npooled = pipe.encode_prompt(
                     prompts, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
@@ -135,10 +143,37 @@ class SD3TextDenoiser:
         return _scatter(x, out, run_cond, run_uncond)
 
 
+class PixArtTextDenoiser:
+    """Adapter over PixArt-Σ's ``PixArtTransformer2DModel`` (ε or v prediction, as its scheduler says)."""
+
+    def __init__(self, transformer, parameterisation: str = "epsilon"):
+        self.transformer = transformer
+        self.parameterisation = parameterisation
+        self.evaluations = 0
+
+    def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
+        x_in = torch.cat([x[run_cond], x[run_uncond]])
+        if len(x_in) == 0:
+            return torch.zeros_like(x), torch.zeros_like(x)
+        dtype = self.transformer.dtype
+        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
+        mask = torch.cat([cond.mask[run_cond], cond.negative_mask[run_uncond]])
+        self.evaluations += len(x_in)
+        out = self.transformer(x_in.to(dtype), encoder_hidden_states=ctx.to(dtype), encoder_attention_mask=mask,
+                               timestep=t.expand(len(x_in)), added_cond_kwargs={"resolution": None, "aspect_ratio": None}
+                               ).sample
+        if out.shape[1] == 2 * x.shape[1]:  # learned σ: the pipeline keeps the first half
+            out = out[:, : x.shape[1]]
+        return _scatter(x, out, run_cond, run_uncond)
+
+
 def denoiser_for(pipe):
     """The adapter for a pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
-    if getattr(pipe, "transformer", None) is not None:
+    if type(pipe).__name__ == "PixArtSigmaPipeline":
+        return PixArtTextDenoiser(pipe.transformer, pipe.scheduler.config.get("prediction_type", "epsilon"))
+    if type(pipe).__name__ == "StableDiffusion3Pipeline":
         return SD3TextDenoiser(pipe.transformer)
     if getattr(pipe, "unet", None) is not None and getattr(pipe.unet.config, "addition_embed_type", None) in (None, "text_time"):
         return UNetTextDenoiser(pipe.unet, pipe.scheduler.config.get("prediction_type", "epsilon"))
-    raise ValueError(f"no denoiser adapter for {type(pipe).__name__} (supported: SD 1.x/2.x and SDXL UNets, SD3)")
+    raise ValueError(f"no denoiser adapter for {type(pipe).__name__} (supported: SD 1.x/2.x and SDXL UNets, SD3, "
+                     "PixArt-Σ)")

@@ -82,7 +82,8 @@ class DigitsBackend:
 def pipeline_settings(pipeline: str, prompts: str | None) -> dict:
     """Check a pipeline folder and prompt file cheaply (before loading any weights) and return the
     run defaults: the pipeline's own scheduler (``None``), ``SEARCH_STEPS`` steps and the guidance
-    scale of the pipeline class's ``__call__`` (7.5 for SD 1.x/2.x, 5.0 for SDXL, 7.0 for SD3)."""
+    scale of the pipeline class's ``__call__`` (7.5 for SD 1.x/2.x, 5.0 for SDXL, 7.0 for SD3, 4.5 for
+    PixArt-Σ)."""
     import inspect
 
     import diffusers
@@ -114,15 +115,15 @@ class TextPipelineBackend:
 
     Args:
         pipeline: the folder (``save_pretrained`` layout) of a StableDiffusionPipeline,
-            StableDiffusionXLPipeline (its added text-time conditioning at the default size) or
-            StableDiffusion3Pipeline.
+            StableDiffusionXLPipeline (its added text-time conditioning at the default size),
+            StableDiffusion3Pipeline or PixArtSigmaPipeline.
         prompts: one prompt per line, or JSON Lines with ``prompt`` and ``negative_prompt``
             (``agsearch.diffusers.generate.read_prompts``).
         scheduler: ``None`` for the pipeline's own scheduler, or ``ddim``/``euler``/``dpm++``
             built from its config (SD 1.x/2.x and SDXL; SD3 is flow matching).
     """
 
-    SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
+    SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "PixArtSigmaPipeline")
 
     def __init__(self, pipeline: str, prompts: str, scheduler: str | None = None):
         from agsearch.denoisers.text import (

@@ -171,6 +171,13 @@ def test_affine_steps_run_with_the_carried_estimates(pipes, name):
     assert runner.nfe.tolist() == [4.0, 4.0] and not torch.allclose(uses_past, theirs)
 
 
+def test_affine_steps_on_a_variance_predicting_denoiser_are_refused(pipes):
+    coef = {"eps_c": 1.0, "eps_c_prev": 0.0, "eps_u_prev": 0.0, "x": 0.0, "bias": 0.0}
+    with apply_policy(pipes["pixart_sigma"], Policy.static(["cfg", affine_step(coef), "cond"], W)), \
+            pytest.raises(ValueError, match="8 channels for 4"):
+        call(pipes["pixart_sigma"], "pixart_sigma")
+
+
 @pytest.mark.parametrize("name", sorted(TWO_CALLS))
 def test_two_call_pipelines_refuse_what_they_cannot_honour(pipes, name):
     pipe = pipes[name]

@@ -415,6 +415,10 @@ class PolicyRunner:
         phi = float(getattr(self.pipe, "guidance_rescale", 0.0) or 0.0)
         carry = self._carries_estimates
         if carry:
+            if out_c.shape != step.x_in.shape:
+                raise ValueError(f"affine steps need the denoiser's output to have the sample's shape; "
+                                 f"{type(self.pipe).__name__}'s has {out_c.shape[1]} channels for "
+                                 f"{step.x_in.shape[1]} (it also predicts its variance)")
             x = pipeline_x(self.pipe.scheduler, step.x_in, i, self.parameterisation)
             avail = self._availability(step.ops).to(out_c)
             past = self._past if self._past is not None else PastEstimates.none(out_c)

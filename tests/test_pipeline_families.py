@@ -202,3 +202,22 @@ def test_the_pipeline_is_restored_also_after_an_exception(pipes, name):
     with apply_policy(pipe, Policy.static(["cfg"] * T, W)) as runner:
         call(pipe, name)
     assert runner.nfe.tolist() == [2.0 * T] * 2
+
+
+@pytest.mark.parametrize("name", ["wan", "wan22"])
+def test_the_wan_adapter_reproduces_the_pipeline(pipes, name):
+    """agsearch's sampler over the search's Wan adapter gives the pipeline's latents under
+    apply_policy (Wan 2.2: the expert of each step chosen at the pipeline's boundary)."""
+    from agsearch import sample
+    from agsearch.denoisers.text import TextCondition, denoiser_for
+
+    pipe = pipes[name]
+    latents = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    policy = Policy.static(["cfg", {"op": "cfg", "scale": 2.0}, "cond"], W)
+    with apply_policy(pipe, policy):
+        theirs = pipe(PROMPTS, negative_prompt=NEGATIVES, latents=latents.clone(), num_inference_steps=T,
+                      guidance_scale=W, height=32, width=32, num_frames=5, output_type="latent").frames
+    denoiser = denoiser_for(pipe)
+    ours = sample(denoiser, pipe.scheduler, policy, latents.clone(), TextCondition.from_pipeline(pipe, PROMPTS, NEGATIVES))
+    torch.testing.assert_close(ours.samples, theirs, rtol=0, atol=1e-5)
+    assert denoiser.evaluations == 10

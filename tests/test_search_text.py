@@ -14,6 +14,7 @@ from agsearch.cli import main  # noqa: E402
 from agsearch.policy import Policy  # noqa: E402
 
 T, W = 4, 5.0
+WAN_SIZE = ["--model.height=32", "--model.width=32", "--model.num_frames=5"]  # 2 latent frames of 4×4
 PROMPTS = [{"prompt": "a red cube", "negative_prompt": "blurry"}, {"prompt": "a dog"}, {"prompt": "a cat on a mat"}]
 
 
@@ -29,12 +30,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from agsearch.testing import tiny_pixart_sigma, tiny_sd, tiny_sd3, tiny_sdxl
+    from agsearch.testing import tiny_pixart_sigma, tiny_sd, tiny_sd3, tiny_sdxl, tiny_wan
 
     root = tmp_path_factory.mktemp("search-text")
-    for name, pipe in (("sd", tiny_sd()), ("sdxl", tiny_sdxl()), ("sd3", tiny_sd3()), ("pixart", tiny_pixart_sigma())):
+    for name, pipe in (("sd", tiny_sd()), ("sdxl", tiny_sdxl()), ("sd3", tiny_sd3()), ("pixart", tiny_pixart_sigma()),
+                       ("wan", tiny_wan())):
         # 16×16 latents by default (the search's latent shape is the pipeline's default), to keep it fast
-        if name != "pixart":  # PixArt's tiny transformer: 8×8 latents already
+        if name in ("sd", "sdxl", "sd3"):  # PixArt's tiny transformer: 8×8 latents already; Wan: WAN_SIZE
             (pipe.transformer if name == "sd3" else pipe.unet).register_to_config(sample_size=16)
         pipe.save_pretrained(root / name)
     (root / "prompts.txt").write_text("a red cube\na dog\n\na cat on a mat\n", "utf-8")
@@ -60,19 +62,22 @@ def tiny_search(tmp_path, pipeline, prompts, *extra):
     ("sdxl", "prompts.jsonl", "StableDiffusionXLPipeline", "EulerDiscreteScheduler"),
     ("sd3", "prompts.txt", "StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler"),
     ("pixart", "prompts.jsonl", "PixArtSigmaPipeline", "DPMSolverMultistepScheduler"),
+    ("wan", "prompts.jsonl", "WanPipeline", "UniPCMultistepScheduler"),
 ])
 def test_search_on_a_pipeline_folder_writes_the_policy(files, tmp_path, capsys, name, prompts, cls, scheduler):
     out = tmp_path / "policy.json"
-    code, stdout, err = run(capsys, *tiny_search(tmp_path, files / name, files / prompts, f"--out={out}"))
+    size = WAN_SIZE if name == "wan" else []
+    code, stdout, err = run(capsys, *tiny_search(tmp_path, files / name, files / prompts, f"--out={out}", *size))
     assert code == 0, err
     policy = Policy.load(out)
     assert policy.nfe == 6 and policy.num_inference_steps == T
-    assert policy.guidance_scale == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "pixart": 4.5}[name]  # the pipeline's own
+    assert policy.guidance_scale == {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "pixart": 4.5, "wan": 5.0}[name]  # its own
     provenance = policy.provenance
     assert provenance["model"] == str((files / name).resolve()) and provenance["scheduler"] == scheduler
+    sizes = {"sd": [32, 32], "sdxl": [32, 32], "sd3": [16, 16], "pixart": [16, 16], "wan": [32, 32, 5]}
     assert provenance["pipeline"] == {"folder": str((files / name).resolve()), "class": cls,
                                       "prompts": str((files / prompts).resolve()), "num_prompts": 3,
-                                      "negative_prompts": 1 if prompts.endswith("jsonl") else 0}
+                                      "negative_prompts": 1 if prompts.endswith("jsonl") else 0, "size": sizes[name]}
     assert {"nfe", "mse", "samples", "seed"} == set(policy.metrics["eval"]) and policy.metrics["eval"]["nfe"] == 6
     # The comparison: full CFG, the searched policy and the cutoff at its NFE, by MSE to full CFG.
     assert "MSE of the final latents to full CFG" in stdout and "cutoff-2/4" in stdout and "accuracy" not in stdout
@@ -85,7 +90,7 @@ def test_search_on_a_pipeline_folder_writes_the_policy(files, tmp_path, capsys, 
     assert exported.nfe == 5 and exported.provenance["pipeline"] == provenance["pipeline"]
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "pixart"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "pixart", "wan"])
 def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
     """The module's cached teacher for (seed, prompt i) equals the plain pipeline call with
     ``generator=torch.Generator().manual_seed(seed)`` at the same steps and scale, negative prompt
@@ -94,8 +99,9 @@ def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
     from agsearch.search.data import PairDataset
     from agsearch.search.gates import PolicySearchModule
 
+    size = dict(height=32, width=32, num_frames=5) if name == "wan" else {}
     module = PolicySearchModule(space="minimal", budget=6, pipeline=str(files / name),
-                                prompts=str(files / "prompts.jsonl"), num_inference_steps=T, guidance_scale=W)
+                                prompts=str(files / "prompts.jsonl"), num_inference_steps=T, guidance_scale=W, **size)
     assert module.hparams.model == "pipeline" and module.backend.num_conditions == 3
     batch = PairDataset(0, 5, module.backend.num_conditions).batch()
     assert batch["label"].tolist() == [0, 1, 2, 0, 1]  # prompt i mod N
@@ -106,11 +112,12 @@ def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
     pipe = load_pipeline(files / name)
 
     def pipeline_latents(seed, prompt, negative):
-        extra = {"use_resolution_binning": False} if name == "pixart" else {}  # the tiny model has no size bins
+        extra = {"use_resolution_binning": False} if name == "pixart" else dict(size)  # PixArt: no tiny size bins
         if name == "pixart":
             negative = negative or ""  # PixArt's default (None is not accepted)
-        return pipe(prompt, negative_prompt=negative, generator=torch.Generator().manual_seed(int(seed)),
-                    num_inference_steps=T, guidance_scale=W, output_type="latent", **extra).images[0]
+        out = pipe(prompt, negative_prompt=negative, generator=torch.Generator().manual_seed(int(seed)),
+                   num_inference_steps=T, guidance_scale=W, output_type="latent", **extra)
+        return (out.frames if name == "wan" else out.images)[0]
 
     for j in range(2):
         record = PROMPTS[int(labels[j])]
@@ -133,6 +140,9 @@ def test_teacher_is_the_pipelines_full_cfg_with_negative_prompts(files, name):
     ("no prompts", "needs model.prompts"),
     ("prompts without pipeline", "needs model.pipeline"),
     ("sd3 scheduler", "runs its own scheduler"),
+    ("frames of an image pipeline", "model.num_frames is for video pipelines"),
+    ("bad height", "multiple of 8"),
+    ("size of a built-in model", "sets a pipeline folder's size"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys, case, fragment):
     pipeline, prompts = files / "sd", files / "prompts.txt"
@@ -157,11 +167,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys
         prompts.write_text('{"negative_prompt": "blurry"}\n')
     elif case == "sd3 scheduler":
         pipeline, extra = files / "sd3", ["--model.scheduler=ddim"]
+    elif case == "frames of an image pipeline":
+        extra = ["--model.num_frames=5"]
+    elif case == "bad height":
+        extra = ["--model.height=30"]
     argv = tiny_search(tmp_path, pipeline, prompts, f"--out={tmp_path / 'p.json'}", *extra)
     if case == "no prompts":
         argv = [a for a in argv if not a.startswith("--model.prompts")]
     if case == "prompts without pipeline":  # on digits (the default model, shapes, reads them as captions)
         argv = [a for a in argv if not a.startswith("--model.pipeline")] + ["--model.model=digits"]
+    if case == "size of a built-in model":
+        argv = [a for a in argv if not a.startswith(("--model.pipeline", "--model.prompts"))] + ["--model.width=64"]
     code, out, err = run(capsys, *argv)
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("agsearch search: error:") and "Traceback" not in err

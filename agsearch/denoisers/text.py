@@ -6,7 +6,10 @@ with its added text-time conditioning: the pooled text embedding and the size/cr
 ``SD3TextDenoiser`` wraps an ``SD3Transformer2DModel`` (Stable Diffusion 3, rectified-flow
 velocity v = ε − x_0, Esser et al. 2024, arXiv 2403.03206); ``PixArtTextDenoiser`` a
 ``PixArtTransformer2DModel`` of PixArt-Σ (ε prediction from T5 embeddings with their attention
-masks; the learned variance half of its output is dropped, as the pipeline drops it). The condition is a :class:`TextCondition`
+masks; the learned variance half of its output is dropped, as the pipeline drops it);
+``WanTextDenoiser`` Wan 2.1's ``WanTransformer3DModel`` (text-to-video, flow velocity on latents
+(C, F, h, w); Wan 2.2: the high-noise expert above the pipeline's boundary timestep, the low-noise
+one below). The condition is a :class:`TextCondition`
 of the prompt and negative-prompt embeddings a pipeline's ``encode_prompt`` returns; the
 unconditional pass uses the negative prompt (the empty prompt when none is given). Only the rows a
 sample needs are evaluated, conditional and unconditional rows batched into one forward, as in
@@ -48,16 +51,20 @@ class TextCondition:
         return self._map(lambda t: t.to(device))
 
     @classmethod
-    def from_pipeline(cls, pipe, prompts: list[str], negative_prompts: list[str] | None = None,
-                      size: int | None = None) -> "TextCondition":
+    def from_pipeline(cls, pipe, prompts: list[str], negative_prompts: list[str | None] | None = None,
+                      size: int | tuple[int, int] | None = None) -> "TextCondition":
         """Encode ``prompts`` with the pipeline's own text encoders (SD 1.x/2.x, SDXL or SD3). A
         negative prompt that is None is the pipeline's own default: the empty prompt, or for SDXL
         with ``force_zeros_for_empty_prompt`` zero embeddings. SDXL's time ids are those of its
-        default call at ``size`` pixels (default: the UNet's sample size)."""
+        call at ``size`` pixels, one side or (height, width) (default: the UNet's sample size)."""
         device = pipe.device
         missing = [n is None for n in (negative_prompts or [None] * len(prompts))]
         negative_prompts = [n or "" for n in (negative_prompts or [None] * len(prompts))]
         with torch.no_grad():
+            if type(pipe).__name__ == "WanPipeline":  # as its __call__ encodes (512 tokens)
+                pe, npe = pipe.encode_prompt(prompts, negative_prompts, do_classifier_free_guidance=True,
+                                             num_videos_per_prompt=1, max_sequence_length=512, device=device)
+                return cls(pe, npe)
             if type(pipe).__name__ == "PixArtSigmaPipeline":  # as its __call__ encodes (clean_caption, 300 tokens)
                 pe, pm, npe, npm = pipe.encode_prompt(prompts, True, negative_prompt=negative_prompts, device=device,
                                                       clean_caption=True, max_sequence_length=300)
@@ -71,9 +78,10 @@ class TextCondition:
                     npe = torch.where(zero.view(-1, 1, 1), torch.zeros_like(npe), npe)
                     npooled = torch.where(zero.view(-1, 1), torch.zeros_like(npooled), npooled)
                 side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+                hw = tuple(side) if isinstance(side, (tuple, list)) else (side, side)
                 projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
                               else pipe.text_encoder_2.config.projection_dim)
-                ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), dtype=pe.dtype,
+                ids = pipe._get_add_time_ids(hw, (0, 0), hw, dtype=pe.dtype,
                                              text_encoder_projection_dim=projection).to(device)
                 ids = ids.expand(len(prompts), -1)
                 return cls(pe, npe, pooled, npooled, ids, ids.clone())
@@ -167,8 +175,37 @@ class PixArtTextDenoiser:
         return _scatter(x, out, run_cond, run_uncond)
 
 
+class WanTextDenoiser:
+    """Adapter over Wan's ``WanTransformer3DModel`` (flow velocity, latents (B, C, F, h, w)); with
+    Wan 2.2's two experts, ``transformer`` runs the timesteps ≥ ``boundary`` and ``transformer_2``
+    the rest, as the pipeline does."""
+
+    parameterisation = "flow"
+
+    def __init__(self, transformer, transformer_2=None, boundary: float | None = None):
+        self.transformer, self.transformer_2, self.boundary = transformer, transformer_2, boundary
+        self.evaluations = 0
+
+    def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
+        x_in = torch.cat([x[run_cond], x[run_uncond]])
+        if len(x_in) == 0:
+            return torch.zeros_like(x), torch.zeros_like(x)
+        model = self.transformer
+        if self.boundary is not None and self.transformer_2 is not None and float(t) < self.boundary:
+            model = self.transformer_2
+        dtype = model.dtype
+        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
+        self.evaluations += len(x_in)
+        out = model(hidden_states=x_in.to(dtype), timestep=t.expand(len(x_in)), encoder_hidden_states=ctx.to(dtype)).sample
+        return _scatter(x, out, run_cond, run_uncond)
+
+
 def denoiser_for(pipe):
     """The adapter for a pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
+    if type(pipe).__name__ == "WanPipeline":
+        ratio = pipe.config.get("boundary_ratio")
+        boundary = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
+        return WanTextDenoiser(pipe.transformer, getattr(pipe, "transformer_2", None), boundary)
     if type(pipe).__name__ == "PixArtSigmaPipeline":
         return PixArtTextDenoiser(pipe.transformer, pipe.scheduler.config.get("prediction_type", "epsilon"))
     if type(pipe).__name__ == "StableDiffusion3Pipeline":
@@ -176,4 +213,4 @@ def denoiser_for(pipe):
     if getattr(pipe, "unet", None) is not None and getattr(pipe.unet.config, "addition_embed_type", None) in (None, "text_time"):
         return UNetTextDenoiser(pipe.unet, pipe.scheduler.config.get("prediction_type", "epsilon"))
     raise ValueError(f"no denoiser adapter for {type(pipe).__name__} (supported: SD 1.x/2.x and SDXL UNets, SD3, "
-                     "PixArt-Σ)")
+                     "PixArt-Σ, Wan)")

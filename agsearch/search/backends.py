@@ -123,9 +123,12 @@ class TextPipelineBackend:
             built from its config (SD 1.x/2.x and SDXL; SD3 is flow matching).
     """
 
-    SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "PixArtSigmaPipeline")
+    SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "PixArtSigmaPipeline",
+                 "WanPipeline")
+    FLOW = ("StableDiffusion3Pipeline", "WanPipeline")  # flow matching: their own schedulers only
 
-    def __init__(self, pipeline: str, prompts: str, scheduler: str | None = None):
+    def __init__(self, pipeline: str, prompts: str, scheduler: str | None = None,
+                 size: tuple[int | None, int | None, int | None] = (None, None, None)):
         from agsearch.denoisers.text import (
             TextCondition,
             denoiser_for,
@@ -136,20 +139,39 @@ class TextPipelineBackend:
         self.folder = pipeline_path(pipeline)
         self.class_name = pipeline_class(pipeline)
         self.prompts = self.read_prompts(prompts)
-        if scheduler is not None and self.class_name == "StableDiffusion3Pipeline":
+        if scheduler is not None and self.class_name in self.FLOW:
             raise ValueError(f"model.scheduler={scheduler!r}: a flow-matching pipeline ({self.class_name}) "
                              "runs its own scheduler; leave model.scheduler unset")
         pipe = load_pipeline(pipeline)  # fp32 on the CPU; Lightning moves it and autocasts
         self.scheduler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, dict(pipe.scheduler.config))
         self.pipe = pipe  # its VAE decodes latents for CLIP scores
-        self.cond = TextCondition.from_pipeline(pipe, [p.prompt for p in self.prompts],
-                                                [p.negative_prompt for p in self.prompts])
-        self.denoiser = denoiser_for(pipe)
-        # The module's device check reads ``unet``: the frozen denoiser, UNet or SD3 transformer.
         self.unet = (pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).requires_grad_(False).eval()
-        side = self.unet.config.sample_size  # the pipeline's default height // vae_scale_factor
-        self.latent_shape = (self.unet.config.in_channels, side, side)
+        if getattr(pipe, "transformer_2", None) is not None:
+            pipe.transformer_2.requires_grad_(False).eval()
+        self.latent_shape, self.size = self._latent_shape(pipe, *size)
+        self.cond = TextCondition.from_pipeline(pipe, [p.prompt for p in self.prompts],
+                                                [p.negative_prompt for p in self.prompts], size=self.size[:2])
+        self.denoiser = denoiser_for(pipe)
         self.num_conditions = len(self.prompts)
+
+    def _latent_shape(self, pipe, height, width, num_frames) -> tuple[tuple[int, ...], tuple]:
+        """The latent shape of one sample at the size given (default: the pipeline's own), and that
+        size (height, width[, frames]) in pixels."""
+        import inspect
+
+        if self.class_name == "WanPipeline":  # (C, F', h, w): the VAE is 8× in space, 4× in time
+            defaults = inspect.signature(type(pipe).__call__).parameters
+            height, width = height or defaults["height"].default, width or defaults["width"].default
+            num_frames = num_frames or defaults["num_frames"].default
+            s, f = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+            shape = (self.unet.config.in_channels, (num_frames - 1) // f + 1, height // s, width // s)
+            return shape, (height, width, num_frames)
+        if num_frames is not None:
+            raise ValueError(f"model.num_frames is for video pipelines; {self.class_name} makes images")
+        side = self.unet.config.sample_size * pipe.vae_scale_factor  # the pipeline's default size
+        height, width = height or side, width or side
+        return (self.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor), \
+            (height, width)
 
     def read_prompts(self, prompts: str):
         from agsearch.diffusers.generate import read_prompts
@@ -162,6 +184,8 @@ class TextPipelineBackend:
         with a :class:`~agsearch.eval.clip.ClipScorer`, CLIP scores and CLIP-space FD too."""
         from agsearch.eval.base import PipelineEvaluator
 
+        if clip is not None and len(self.latent_shape) == 4:
+            raise ValueError(f"eval.clip_weights scores images; {self.class_name} makes videos")
         return PipelineEvaluator(self, samples, seed, batch_size, device, progress, clip)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -177,6 +201,8 @@ class TextPipelineBackend:
 
     def to(self, device) -> "TextPipelineBackend":
         self.unet.to(device)
+        if getattr(self.pipe, "transformer_2", None) is not None:
+            self.pipe.transformer_2.to(device)
         self.pipe.vae.to(device)
         self.cond = self.cond.to(device)
         return self
@@ -192,6 +218,7 @@ class TextPipelineBackend:
         return {"model": str(self.folder.resolve()),
                 "pipeline": {"folder": str(self.folder.resolve()), "class": self.class_name,
                              "prompts": str(self.prompt_file.resolve()), "num_prompts": len(self.prompts),
+                             "size": list(self.size),
                              "negative_prompts": sum(bool(p.negative_prompt) for p in self.prompts)}}
 
 
@@ -244,11 +271,12 @@ class ShapesBackend(TextPipelineBackend):
                                                           "prompts": captions, "num_prompts": len(self.prompts)}}
 
 
-def load_backend(model: str, scheduler: str | None, pipeline: str | None = None, prompts: str | None = None):
+def load_backend(model: str, scheduler: str | None, pipeline: str | None = None, prompts: str | None = None,
+                 size: tuple[int | None, int | None, int | None] = (None, None, None)):
     if model == "digits":
         return DigitsBackend(scheduler)
     if model == "shapes":
         return ShapesBackend(scheduler, prompts)
     if model == "pipeline":
-        return TextPipelineBackend(pipeline, prompts, scheduler)
+        return TextPipelineBackend(pipeline, prompts, scheduler, size)
     raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")

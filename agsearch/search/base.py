@@ -38,6 +38,19 @@ def resolve_run(model: str | None, pipeline: str | None, prompts: str | None, sc
             float(guidance_scale if guidance_scale is not None else settings["guidance_scale"]))
 
 
+def check_size(model: str, height: int | None, width: int | None, num_frames: int | None) -> None:
+    """A pipeline folder's size options: positive multiples of 8 (frames 4k + 1), for folders only."""
+    given = {k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None}
+    check(not given or model == "pipeline",
+          f"model.{next(iter(given), '')} sets a pipeline folder's size; model {model!r} has its own")
+    for name in ("height", "width"):
+        value = given.get(name)
+        check(value is None or (isinstance(value, int) and 8 <= value <= 8192 and value % 8 == 0),
+              f"Expected model.{name} to be a multiple of 8 in [8, 8192], but got {value!r}")
+    check(num_frames is None or (isinstance(num_frames, int) and 1 <= num_frames <= 1024 and (num_frames - 1) % 4 == 0),
+          f"Expected model.num_frames to be 4k + 1 in [1, 1024], but got {num_frames!r}")
+
+
 def is_adaptive(space) -> bool:
     """Whether a space (a name, file or mapping) is an adaptive one (per-step thresholds, not gates)."""
     from agsearch.search.space import SearchSpace

@@ -38,6 +38,7 @@ from agsearch.search.base import (
     NonFiniteLossError,
     SearchBase,
     check,
+    check_size,
     is_adaptive,
     resolve_run,
 )
@@ -142,7 +143,7 @@ class PolicySearchModule(SearchBase):
         model: the frozen model: ``shapes`` (the built-in text-to-image pipeline), ``digits`` (the
             built-in class-conditional UNet, the fast one) or ``pipeline`` (the folder given as
             ``pipeline``). Default: ``pipeline`` when a folder is given, else ``shapes``.
-        pipeline: a local diffusers Stable Diffusion 1.x/2.x or 3 pipeline folder
+        pipeline: a local diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, PixArt-Σ, Wan 2.1/2.2)
             (``save_pretrained`` layout, nothing is downloaded); needs ``prompts``. The teacher is
             the pipeline's own full-CFG call from the same noise (``TextPipelineBackend``).
         prompts: the pipeline's prompt file: one prompt per line, or JSON Lines with ``prompt`` and
@@ -152,6 +153,8 @@ class PolicySearchModule(SearchBase):
         num_inference_steps: T; default the model's benchmark setting (for a pipeline: 25).
         guidance_scale: the teacher's scale w; default the model's benchmark setting (for a
             pipeline: its ``__call__`` default, 7.5 for SD 1.x/2.x, 7.0 for SD3).
+        height, width: a pipeline's image size in pixels (default: its own default size).
+        num_frames: a video pipeline's frames, 4k + 1 (default: its own default).
         lr: Adam learning rate of the gate logits.
         dual_lr: ρ, the dual-ascent step of λ per unit of (E[NFE] − B) / T.
         distance: ``mse`` or ``l1`` between final samples.
@@ -197,6 +200,9 @@ class PolicySearchModule(SearchBase):
         scheduler: str | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
         lr: float = 0.1,
         dual_lr: float = 2.0,
         distance: str = "mse",
@@ -222,6 +228,7 @@ class PolicySearchModule(SearchBase):
         super().__init__()
         model, scheduler, num_inference_steps, guidance_scale = resolve_run(
             model, pipeline, prompts, scheduler, num_inference_steps, guidance_scale)
+        check_size(model, height, width, num_frames)
         self.space = SearchSpace.load(space)
         if relaxation is not None or temperature_start is not None or temperature_end is not None:
             from agsearch.search.space import RELAXATIONS, SpaceError
@@ -269,7 +276,8 @@ class PolicySearchModule(SearchBase):
             self.register_parameter("affine_coef", None)
         self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
-        self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
+        self.backend = load_backend(model, scheduler, pipeline, prompts,  # frozen, not a submodule: not in checkpoints
+                                    size=(height, width, num_frames))
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     # -- gates ------------------------------------------------------------------------------------

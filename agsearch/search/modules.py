@@ -20,7 +20,7 @@ GATE_PARAMETERS = {name: p.replace(annotation=_HINTS.get(name, p.annotation))
                    for name, p in inspect.signature(PolicySearchModule.__init__).parameters.items() if name != "self"}
 # What the threshold search takes besides the run's settings; the rest are gate options.
 THRESHOLD_OPTIONS = ("space", "budget", "model", "pipeline", "prompts", "scheduler", "num_inference_steps",
-                     "guidance_scale", "lr", "dual_lr", "distance", "temperature_start", "temperature_end", "init")
+                     "guidance_scale", "height", "width", "num_frames", "lr", "dual_lr", "distance", "temperature_start", "temperature_end", "init")
 
 
 def search_module(**options) -> SearchBase:

@@ -51,6 +51,7 @@ from agsearch.search.base import (
     NonFiniteLossError,
     SearchBase,
     check,
+    check_size,
     resolve_run,
 )
 
@@ -244,13 +245,15 @@ class ThresholdSearchModule(SearchBase):
 
     def __init__(self, space: str | dict = "adaptive_cosine", budget: int = 40, model: str | None = None,
                  pipeline: str | None = None, prompts: str | None = None, scheduler: str | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, lr: float = 0.1, dual_lr: float = 2.0, distance: str = "mse",
+                 guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None, lr: float = 0.1, dual_lr: float = 2.0, distance: str = "mse",
                  temperature_start: float | None = None, temperature_end: float | None = None, init: str = "budget"):
         super().__init__()
         from agsearch.search.space import SearchSpace, SpaceError
 
         model, scheduler, T, guidance_scale = resolve_run(model, pipeline, prompts, scheduler, num_inference_steps,
                                                           guidance_scale)
+        check_size(model, height, width, num_frames)
         self.space = SearchSpace.load(space)
         if self.space.kind != "adaptive":
             raise SpaceError(f"{self.space.source}: not an adaptive space")
@@ -285,7 +288,8 @@ class ThresholdSearchModule(SearchBase):
         self.register_buffer("dual", torch.zeros((), dtype=torch.float64))
         self.register_buffer("loss_scale", torch.zeros((), dtype=torch.float64))
         self.register_buffer("initialised", torch.tensor(init != "budget"))
-        self.backend = load_backend(model, scheduler, pipeline, prompts)  # frozen, not a submodule: not in checkpoints
+        self.backend = load_backend(model, scheduler, pipeline, prompts,  # frozen, not a submodule: not in checkpoints
+                                    size=(height, width, num_frames))
         self._tables: dict[int, Outcomes] = {}  # per noise seed, rows of (1, T)
         self._calibration: dict[tuple[int, int], torch.Tensor] = {}
         self.last_guided = torch.ones(T, dtype=torch.float64)  # share of the batch still guided per step

@@ -221,3 +221,24 @@ def test_the_wan_adapter_reproduces_the_pipeline(pipes, name):
     ours = sample(denoiser, pipe.scheduler, policy, latents.clone(), TextCondition.from_pipeline(pipe, PROMPTS, NEGATIVES))
     torch.testing.assert_close(ours.samples, theirs, rtol=0, atol=1e-5)
     assert denoiser.evaluations == 10
+
+
+def test_a_cutoff_on_wan_matches_diffusers_own_guider_interval(pipes):
+    """diffusers' ClassifierFreeGuidance(start, stop) in the modular Wan pipeline guides the first
+    steps only: the same cutoff under apply_policy on the standard pipeline gives its latents."""
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.wan.modular_blocks_wan import WanBlocks
+
+    pipe = pipes["wan"]
+    args = dict(prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], num_inference_steps=4, height=32, width=32,
+                num_frames=5, max_sequence_length=16)
+    latents = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    modular = WanBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in pipe.components.items() if v is not None},
+                              guider=ClassifierFreeGuidance(guidance_scale=W, start=0.0, stop=0.5))
+    modular.set_progress_bar_config(disable=True)
+    theirs = modular(**args, latents=latents.clone(), output="latents")
+    with apply_policy(pipe, Policy.static(["cfg", "cfg", "cond", "cond"], W)) as runner:
+        ours = pipe(**args, guidance_scale=W, latents=latents.clone(), output_type="latent").frames
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert runner.nfe.tolist() == [6.0]

@@ -44,7 +44,8 @@ def test_guider_runs_an_adaptive_rule_per_batch():
 
 
 @pytest.mark.parametrize("policy,fragment", [
-    (Policy.static(["cfg", "uncond"], 5.0), "'uncond'"),
+    (Policy.static(["cfg", {"op": "affine", "coef": {"eps_c": 1.0, "eps_c_prev": 0.0, "eps_u_prev": 0.0, "x": 0.0,
+                                                     "bias": 0.0}}], 5.0), "'affine'"),
     (Policy.adaptive(4, 5.0, 0.9), "eps space only"),
 ])
 def test_guider_refuses_what_it_cannot_run(policy, fragment):
@@ -78,7 +79,7 @@ def test_guider_in_a_modular_sdxl_pipeline_matches_apply_policy():
     from agsearch import testing as tiny_pipelines
 
     standard = tiny_pipelines.tiny_sdxl()
-    policy = Policy.static(["cfg", "cfg", "cond", "cond"], 5.0)
+    policy = Policy.static(["cfg", "cfg", "uncond", "cond"], 5.0)  # uncond: its batch only
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ours, rows = modular_sdxl_latents(standard, policy, latents)
     assert sum(rows) == policy.nfe  # the unconditional forward is skipped on cond steps

@@ -17,8 +17,8 @@ included. An adaptive policy (the Adaptive Guidance rule, Castillo et al., arXiv
 any of its samples has γ_t = cos(ε_c, ε_u) below the step's threshold θ_t, runs the rule's stop scale
 at the step where all of them reach it, then ``cond`` for the remaining steps. The rule must be in ε
 space (``agsearch baseline ag --space eps``): x̂₀ needs the sample, which a guider does not see.
-``uncond`` and ``affine`` steps and per-sample adaptive rules need the other route,
-:func:`agsearch.diffusers.hook.apply_policy`.
+An ``uncond`` step runs the unconditional batch only. ``affine`` steps (which need the sample) and
+per-sample adaptive rules need the other route, :func:`agsearch.diffusers.hook.apply_policy`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class PolicyGuidance(BaseGuidance):
     """Per-step CFG or conditional-only prediction, following a static policy.
 
     Args:
-        ops: one op per sampling step, each "cfg" or "cond".
+        ops: one op per sampling step, each "cfg", "cond" or "uncond".
         scales: the guidance scale w_t of each step (> 0; only read on "cfg" steps).
         guidance_rescale: φ of Lin et al. 2023 (arXiv 2305.08891), in [0, 1]; 0 = off.
         enabled: as in every diffusers guider; disabled = conditional prediction at every step.
@@ -54,10 +54,10 @@ class PolicyGuidance(BaseGuidance):
         super().__init__(0.0, 1.0, enabled)
         if not ops:
             raise ValueError("Expected at least one op, but got an empty list")
-        bad = [op for op in ops if op not in ("cfg", "cond")]
+        bad = [op for op in ops if op not in ("cfg", "cond", "uncond")]
         if bad:
-            raise ValueError(f"Expected ops to be 'cfg' or 'cond', but got {bad[0]!r} "
-                             "(uncond and affine steps: use agsearch.apply_policy)")
+            raise ValueError(f"Expected ops to be 'cfg', 'cond' or 'uncond', but got {bad[0]!r} "
+                             "(affine steps need the sample: use agsearch.apply_policy)")
         if len(scales) != len(ops):
             raise ValueError(f"Expected one scale per op ({len(ops)}), but got {len(scales)}")
         for s in scales:
@@ -107,8 +107,11 @@ class PolicyGuidance(BaseGuidance):
 
     def _is_cfg_enabled(self) -> bool:
         if self._step is None:  # asked before the loop (e.g. whether to encode the negative prompt)
-            return self._enabled and "cfg" in self.ops
+            return self._enabled and ("cfg" in self.ops or "uncond" in self.ops)
         return self._enabled and self._op() == "cfg" and self._guiding
+
+    def _uncond_only(self) -> bool:
+        return self._enabled and self._step is not None and self._op() == "uncond"
 
     @property
     def num_conditions(self) -> int:
@@ -116,20 +119,25 @@ class PolicyGuidance(BaseGuidance):
 
     @property
     def is_conditional(self) -> bool:
-        return self._count_prepared == 1
+        return self._count_prepared == 1 and not self._uncond_only()
 
     # -- batches (as diffusers' ClassifierFreeGuidance) --------------------------------------------
+    def _batches(self) -> list[tuple[int, str]]:
+        """(index into each (cond, uncond) input pair, prediction name) of this step's batches."""
+        if self._uncond_only():
+            return [(1, "pred_uncond")]
+        return list(zip([0] if self.num_conditions == 1 else [0, 1], self._input_predictions))
+
     def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
-        indices = [0] if self.num_conditions == 1 else [0, 1]
-        return [self._prepare_batch(data, i, name) for i, name in zip(indices, self._input_predictions)]
+        return [self._prepare_batch(data, i, name) for i, name in self._batches()]
 
     def prepare_inputs_from_block_state(self, data, input_fields: dict[str, str | tuple[str, str]]) -> list:
-        indices = [0] if self.num_conditions == 1 else [0, 1]
-        return [self._prepare_batch_from_block_state(input_fields, data, i, name)
-                for i, name in zip(indices, self._input_predictions)]
+        return [self._prepare_batch_from_block_state(input_fields, data, i, name) for i, name in self._batches()]
 
-    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
-        if not self._is_cfg_enabled():
+    def forward(self, pred_cond: torch.Tensor | None = None, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
+        if self._uncond_only():
+            pred = pred_uncond
+        elif not self._is_cfg_enabled():
             pred = pred_cond
         else:
             scale = self.scales[self._step]

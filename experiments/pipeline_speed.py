@@ -3,6 +3,8 @@
     python experiments/pipeline_speed.py                    # tiny SD pipeline (random weights), CPU
     python experiments/pipeline_speed.py --sd15 --device cuda --dtype fp16 --batch 1 8
                                                             # SD-1.5-sized pipeline, 512×512, 50 steps
+    python experiments/pipeline_speed.py --family wan       # a tiny two-call pipeline (wan, wan22, flux,
+                                                            # qwen_image) or another batched one (pixart_sigma, sana)
 
 The pipeline is a StableDiffusionPipeline built in code with random weights
 (``agsearch.testing``: the tiny test pipeline, or SD 1.5's UNet/VAE/CLIP-text
@@ -40,6 +42,15 @@ from agsearch.io import atomic_write_text  # noqa: E402
 from agsearch.policy import Policy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The tiny transformer pipelines: the call's arguments besides prompts, steps, scale and size.
+FAMILY_CALLS = {
+    "pixart_sigma": dict(use_resolution_binning=False, clean_caption=False, max_sequence_length=16),
+    "sana": dict(use_resolution_binning=False, complex_human_instruction=None, max_sequence_length=16),
+    "wan": dict(num_frames=9, max_sequence_length=16),
+    "wan22": dict(num_frames=9, max_sequence_length=16),
+    "flux": dict(max_sequence_length=16),
+    "qwen_image": dict(max_sequence_length=16),
+}
 
 
 def parse_args(argv=None):
@@ -47,6 +58,8 @@ def parse_args(argv=None):
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="the tiny test pipeline (default)")
     size.add_argument("--sd15", action="store_true", help="SD 1.5's architecture with random weights")
+    p.add_argument("--family", default="sd", choices=sorted(FAMILY_CALLS) + ["sd"],
+                   help="tiny pipeline of agsearch.testing (default sd; the others are called with prompts)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="prompts per call (each a separate row)")
@@ -54,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=None, help="image side in pixels; default 512 (--sd15), 64 (--tiny)")
     p.add_argument("--scale", type=float, default=7.5)
     p.add_argument("--cutoff", type=float, default=0.6, help="fraction of the steps that run CFG")
+    p.add_argument("--latent", action="store_true", help="return latents: time the denoising loop without the VAE decode")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -63,7 +77,7 @@ def parse_args(argv=None):
         p.error(f"--cutoff must be in [0, 1], got {args.cutoff}")
     if min(args.batch) < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch and --repeats must be >= 1, --warmup >= 0")
-    name = "sd15" if args.sd15 else "tiny"
+    name = "sd15" if args.sd15 else ("tiny" if args.family == "sd" else f"tiny_{args.family}")
     args.name = name
     args.steps = args.steps or (50 if args.sd15 else 20)
     args.size = args.size or (512 if args.sd15 else 64)
@@ -84,6 +98,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     if args.sd15:
         pipe = tiny_pipelines.sd15(device=device, dtype=dtype)
+    elif args.family != "sd":
+        pipe = getattr(tiny_pipelines, f"tiny_{args.family}")().to(device, dtype)
     else:
         pipe = tiny_pipelines.tiny_sd(tokenizer=False).to(device)
         if dtype != torch.float32:
@@ -97,16 +113,25 @@ def main(argv=None):
 
     rows = []
     for batch in args.batch:
-        embeds = tiny_pipelines.random_prompt_embeds(pipe, batch, seed=0).to(dtype)
-        negative = tiny_pipelines.random_prompt_embeds(pipe, batch, seed=1).to(dtype)
-        latent = args.size // pipe.vae_scale_factor
-        latents = torch.randn(batch, pipe.unet.config.in_channels, latent, latent,
-                              generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        if args.family == "sd":
+            embeds = tiny_pipelines.random_prompt_embeds(pipe, batch, seed=0).to(dtype)
+            negative = tiny_pipelines.random_prompt_embeds(pipe, batch, seed=1).to(dtype)
+            latent = args.size // pipe.vae_scale_factor
+            latents = torch.randn(batch, pipe.unet.config.in_channels, latent, latent,
+                                  generator=torch.Generator().manual_seed(0)).to(device, dtype)
+            inputs = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents)
+        else:  # prompts: the tiny text encoders are cheap; the same noise from per-sample seeds
+            scale_arg = "true_cfg_scale" if args.family in ("flux", "qwen_image") else "guidance_scale"
+            inputs = dict(prompt=["a red circle"] * batch, negative_prompt=["blurry"] * batch,
+                          **FAMILY_CALLS[args.family], **{scale_arg: args.scale})
 
         def call(which):
-            kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents,
-                          num_inference_steps=args.steps, guidance_scale=args.scale, height=args.size,
-                          width=args.size, output_type="pt")
+            extra = {} if args.family == "sd" else dict(generator=[torch.Generator().manual_seed(j)
+                                                                 for j in range(batch)])
+            kwargs = dict(**inputs, **extra, num_inference_steps=args.steps, height=args.size, width=args.size,
+                          output_type="latent" if args.latent else "pt")
+            if args.family in ("sd", "pixart_sigma", "sana", "wan", "wan22"):
+                kwargs["guidance_scale"] = args.scale
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             with torch.inference_mode():
@@ -148,7 +173,8 @@ def main(argv=None):
               f"-> {speedup / nfe_ratio:.3f}; process CPU time speedup {cpu_speedup:.3f}x "
               f"-> {cpu_speedup / nfe_ratio:.3f}", flush=True)
 
-    meta = dict(pipeline=args.name, device=str(device), dtype=args.dtype, steps=args.steps, size=args.size,
+    meta = dict(latent=args.latent, pipeline=args.name, pattern=("two calls" if args.family in ("wan", "wan22", "flux", "qwen_image")
+                                             else "batched"), device=str(device), dtype=args.dtype, steps=args.steps, size=args.size,
                 guidance_scale=args.scale, policy=policy.ops_string(), policy_nfe=policy.nfe, full_nfe=full.nfe,
                 warmup=args.warmup, repeats=args.repeats, build_s=build_s,
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -159,13 +185,14 @@ def main(argv=None):
                 command="python experiments/pipeline_speed.py " + " ".join(sys.argv[1:] if argv is None else argv))
     atomic_write_text(args.out.with_suffix(".json"), json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     lines = [
-        f"# apply_policy speed: {args.name} pipeline, {meta['device_name']} ({args.device}, {args.dtype})",
+        f"# apply_policy speed: {args.name} pipeline ({meta['pattern']} CFG), {meta['device_name']} "
+        f"({args.device}, {args.dtype})",
         "",
         f"`{meta['command']}`",
         "",
         f"{args.size}×{args.size}, T = {args.steps}, w = {args.scale:g}; policy = CFG on the first {k} steps, "
         f"then cond ({policy.nfe} vs {full.nfe} NFE per image). Median of {args.repeats} timed calls after "
-        f"{args.warmup} warm-up; times include the VAE decode; torch {torch.__version__}, "
+        f"{args.warmup} warm-up; times {'exclude' if args.latent else 'include'} the VAE decode; torch {torch.__version__}, "
         f"diffusers {meta['diffusers']}, {meta['torch_threads']} CPU threads; load average at the end "
         f"{meta['load_average']}.",
         "",

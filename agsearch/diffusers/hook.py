@@ -192,6 +192,7 @@ class PolicyRunner:
         self.gammas: list[torch.Tensor] = []  # adaptive rule: γ_t (N,) per step, NaN where not both
         self._saved: list[tuple[object, str, bool, object]] = []
         self._current: _Step | None = None
+        self._cfg_built = True  # cfg_flag "encode_prompt": what the call's encode_prompt was told
 
     # -- install / remove -------------------------------------------------------------------------
     def install(self) -> None:
@@ -338,7 +339,7 @@ class PolicyRunner:
     # -- the batched pattern -----------------------------------------------------------------------
     def _batched_call(self, key: int, bound, x_in: torch.Tensor):
         cfg_batch = bool(self.pipe.do_classifier_free_guidance if self.family.cfg_flag == "property"
-                         else getattr(self, "_cfg_built", True))
+                         else self._cfg_built)
         n = x_in.shape[0] // 2 if cfg_batch else x_in.shape[0]
         step = self._plan(n, x_in[n:] if cfg_batch else x_in)
         self._current = step

@@ -137,3 +137,16 @@ def test_generate_on_the_transformer_pipelines(name, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--pipeline", tmp_path / name, "--policy", tmp_path / "policy.json",
                        "--prompt", "a red circle", "--out", tmp_path / ("x.png" if video else "x.gif"))
     assert code == 2 and ("a .gif file" if video else "a .png file") in err and err.count("\n") == 1
+
+
+def test_generate_refuses_an_op_the_pipeline_cannot_run(tmp_path, capsys):
+    from agsearch import testing
+
+    testing.tiny_flux().save_pretrained(tmp_path / "flux")
+    Policy.static(["cfg", "uncond"], 4.0).save(tmp_path / "policy.json")
+    out = tmp_path / "img.png"
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, _, err = run(capsys, "generate", "--pipeline", tmp_path / "flux", "--policy", tmp_path / "policy.json",
+                       "--prompt", "a red circle", "--height", 16, "--width", 16, "--out", out)
+    assert code == 2 and err.count("\n") == 1 and "uncond steps cannot run in FluxPipeline" in err
+    assert not out.exists()

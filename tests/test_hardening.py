@@ -310,3 +310,10 @@ def test_bench_into_a_folder_under_a_file_is_refused_before_any_work(tmp_path, c
 def test_a_sweep_on_a_pipeline_folder_is_refused_before_any_search(tmp_path, capsys, overrides):
     refused(capsys, ["sweep", "--out-dir", str(tmp_path / "s"), "--", *overrides], "evaluates on a built-in model",
             tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("space, needle", [("", "--spaces: an empty space name"), (".", "--spaces .:"),
+                                           ("nope", "--spaces nope: unknown search space 'nope'")])
+def test_a_sweep_names_the_bad_space(tmp_path, capsys, space, needle):
+    """Found by a property run: an empty name read the current folder as a space file."""
+    refused(capsys, ["sweep", "--spaces", space, "--out-dir", str(tmp_path / "out")], needle, tmp_path=tmp_path)

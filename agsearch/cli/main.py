@@ -316,8 +316,13 @@ def cmd_sweep(args) -> int:
     from agsearch.search.space import SearchSpace
     from agsearch.search.sweep import run_sweep
 
-    for space in args.spaces:
-        SearchSpace.load(space)  # fail before the first search, not after it
+    for space in args.spaces:  # fail before the first search, not after it
+        if not space.strip():
+            raise UserError("--spaces: an empty space name")
+        try:
+            SearchSpace.load(space)
+        except ValueError as e:
+            raise UserError(f"--spaces {space}: {e}") from None
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
         raise UserError(f"--out-dir {args.out_dir} is a file")
     overrides = list(args.overrides)

@@ -153,7 +153,8 @@ class PolicySearchModule(SearchBase):
         num_inference_steps: T; default the model's benchmark setting (for a pipeline: 25).
         guidance_scale: the teacher's scale w; default the model's benchmark setting (for a
             pipeline: its ``__call__`` default, 7.5 for SD 1.x/2.x, 7.0 for SD3).
-        height, width: a pipeline's image size in pixels (default: its own default size).
+        height: a pipeline's image height in pixels, a multiple of 8 (default: its own).
+        width: a pipeline's image width in pixels, a multiple of 8 (default: its own).
         num_frames: a video pipeline's frames, 4k + 1 (default: its own default).
         lr: Adam learning rate of the gate logits.
         dual_lr: ρ, the dual-ascent step of λ per unit of (E[NFE] − B) / T.

@@ -273,3 +273,15 @@ def test_denoiser_adapters_reproduce_the_pipeline(pipes, name, prediction):
         assert ours.nfe.tolist() == runner.nfe.tolist() and denoiser.evaluations == ours.nfe.sum()
         if policy.kind == "adaptive":
             torch.testing.assert_close(ours.cosine_x0[0], runner.gammas[0])
+
+
+def test_guidance_rescale_applies_to_the_steps_the_hook_guides(pipes):
+    """SD's guidance_rescale (Lin et al. 2023) rescales every guided step, also those the hook
+    computes itself (here all of them: the AG rule with θ = 1 guides every step through the hook)."""
+    pipe = pipes["sd"]
+    plain = _call(pipe, "a red cube", guidance_rescale=0.7)
+    with apply_policy(pipe, Policy.adaptive(T, W, 1.0)) as runner:
+        ours = _call(pipe, "a red cube", guidance_rescale=0.7)
+    assert runner.nfe.tolist() == [2.0 * T]
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, _call(pipe, "a red cube"))  # the rescale matters here

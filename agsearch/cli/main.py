@@ -541,9 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("generate", help="sample a local diffusers pipeline under a policy; NFE/time vs full CFG",
-                       description="Load a StableDiffusion/XL/3 pipeline folder (save_pretrained layout, "
-                                   "nothing downloaded), sample under the policy with apply_policy, then "
-                                   "under full CFG from the same noise, and report NFE, time and PSNR.")
+                       description="Load a pipeline folder (save_pretrained layout, nothing downloaded: SD 1.x/2.x, "
+                                   "SDXL, SD3, PixArt, Sana, Wan (a GIF per prompt), Flux, Qwen-Image), sample "
+                                   "under the policy with apply_policy, then under full CFG from the same noise, "
+                                   "and report NFE, time and PSNR.")
     p.add_argument("--pipeline", required=True,
                    help="diffusers pipeline folder, or builtin:shapes (the built-in text-to-image model)")
     p.add_argument("--policy", type=Path, required=True, help="policy JSON")

@@ -356,3 +356,29 @@ def test_sweep_of_shapes_searches_scores_adherence_on_held_out_captions(tmp_path
     assert {r["role"] for r in data["records"]} >= {"full CFG", "cond", "cutoff", "searched (minimal)"}
     assert all(r["captions"] == "heldout" and 0 <= r["adherence"] <= 1 for r in data["records"])
     assert "| adherence % |" in (out / "sweep.md").read_text() and "on the shapes model, heldout captions" in stdout + (out / "sweep.md").read_text()
+
+
+def test_the_benchmark_has_baselines_at_every_budget_and_matches_policy_files_to_them():
+    from agsearch.eval.bench import benchmark_suite
+    from agsearch.eval.shapes_bench import BUDGETS, budget_baselines, matched_rows
+
+    suite = benchmark_suite(25, 4.0, None, model="shapes")
+    suite += budget_baselines(suite, 25, 4.0)
+    labels = [p.label() for _, p in suite]
+    assert len(labels) == len(set(labels))  # nothing twice
+    for budget in BUDGETS:
+        assert any(f == "cutoff" and p.nfe == budget for f, p in suite)
+        assert sum(f == "interval" and p.nfe == budget for f, p in suite) >= 3
+
+    def record(name, family, nfe, adherence, mse):
+        return {"name": name, "family": family, "nfe": nfe, "adherence": adherence, "mse": mse}
+
+    rows = [record("cutoff-10/25", "cutoff", 35.0, 0.70, 0.0030), record("interval-2:12/25", "interval", 35.0, 0.71, 0.0035),
+            record("interval-1:11/25", "interval", 35.0, 0.69, 0.0020), record("ag-x0-0.99", "ag-x0", 32.0, 0.70, 0.0020),
+            record("ag-x0-0.995", "ag-x0", 36.0, 0.74, 0.0010), record("searched", "policy file", 35.0, 0.72, 0.0025),
+            record("worse", "policy file", 35.0, 0.705, 0.0010)]
+    searched, worse = matched_rows(rows)  # by NFE, then name
+    assert searched["policy"] == "searched" and worse["policy"] == "worse"
+    assert searched["interval"]["name"] == "interval-2:12/25"  # the best interval: the highest adherence
+    assert searched["beats"] is True and worse["beats"] is False  # 70.5% < the interval's 71%
+    assert searched["ag"]["adherence"] == pytest.approx(0.73) and searched["ag"]["mse"] == pytest.approx(0.00125)

@@ -40,6 +40,8 @@ from agsearch.policy import Policy
 SPLITS = ("train", "heldout")
 SPLIT_TITLES = {"train": "training captions", "heldout": "held-out captions"}
 GRID_NFE = 35
+BUDGETS = (30, 35, 40, 45)  # the searches' NFE: a cutoff and guidance intervals at each
+INTERVAL_STARTS = (1, 2, 4)  # first guided step of the intervals added at each budget
 
 
 def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 500,
@@ -58,6 +60,8 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     settings = benchmark_settings()
     steps, scale = settings["num_inference_steps"], float(settings["guidance_scale"])
     suite = benchmark_suite(steps, scale, None, quick=quick, model="shapes")  # LinearAG with the shipped shapes fit
+    if not quick:
+        suite += budget_baselines(suite, steps, scale)
     suite = select_families(suite, families)
     suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
     if not any(is_full_cfg(p) for _, p in suite):
@@ -103,6 +107,11 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff",
              "policy file"]
     for split, rows in records.items():
+        table = _matched_table(rows)
+        if table:
+            md += [f"## Policy files against the baselines at their NFE, {SPLIT_TITLES[split]}", "",
+                   "Adherence % / MSE to full CFG; the best interval is chosen on these samples.", "", *table, ""]
+    for split, rows in records.items():
         md += [f"## {SPLIT_TITLES[split].capitalize()}", ""]
         for family in order:
             chosen = sorted((r for r in rows if r["family"] == family), key=lambda r: -r["nfe"])
@@ -131,6 +140,75 @@ def _read_partial(path: Path, protocol: dict) -> tuple[list[dict], tuple] | None
     if kept.get("protocol") != json.loads(json.dumps(protocol)):
         return None
     return kept["records"], tuple(torch.tensor(c) for c in kept["cosines"])
+
+
+def budget_baselines(suite, steps: int, scale: float) -> list[tuple[str, Policy]]:
+    """The cutoff and the intervals starting at :data:`INTERVAL_STARTS` at each of :data:`BUDGETS`
+    NFE (of 2·steps) that ``suite`` lacks, so every searched budget has baselines at its own NFE."""
+    from agsearch.baselines import make_baseline
+
+    have = {p.label() for _, p in suite}
+    added = []
+    for budget in BUDGETS:
+        k = budget - steps  # guided steps
+        if not 0 < k < steps:
+            continue
+        candidates = [("cutoff", make_baseline("cutoff", steps, scale, fraction=k / steps))]
+        candidates += [("interval", make_baseline("interval", steps, scale, start=a / steps, stop=(a + k) / steps))
+                       for a in INTERVAL_STARTS if a + k <= steps]
+        for family, policy in candidates:
+            if policy.label() not in have:
+                have.add(policy.label())
+                added.append((family, policy))
+    return added
+
+
+def matched_rows(rows: list[dict]) -> list[dict]:
+    """Each policy file's record beside the baselines at its NFE: the cutoff, the best interval (the
+    highest adherence, then the lowest MSE) and AG in x̂₀ space interpolated linearly in NFE between
+    the thresholds around it. ``beats`` says whether the policy's adherence is at least the cutoff's
+    and the interval's and its MSE lower than both."""
+    out = []
+    ag = sorted((r for r in rows if r["family"] == "ag-x0"), key=lambda r: r["nfe"])
+    for r in sorted((r for r in rows if r["family"] == "policy file"), key=lambda r: (r["nfe"], r["name"])):
+        same = lambda family: [b for b in rows if b["family"] == family and abs(b["nfe"] - r["nfe"]) < 1e-6]  # noqa: E731
+        cutoff = next(iter(same("cutoff")), None)
+        intervals = same("interval")
+        interval = max(intervals, key=lambda b: (b["adherence"], -b["mse"])) if intervals else None
+        row = {"policy": r["name"], "nfe": r["nfe"], "adherence": r["adherence"], "mse": r["mse"],
+               "cutoff": cutoff, "interval": interval, "ag": _interpolated(ag, r["nfe"])}
+        if cutoff is not None and interval is not None:
+            row["beats"] = (r["adherence"] >= max(cutoff["adherence"], interval["adherence"])
+                            and r["mse"] < min(cutoff["mse"], interval["mse"]))
+        out.append(row)
+    return out
+
+
+def _interpolated(rows: list[dict], nfe: float) -> dict | None:
+    """Adherence and MSE of a swept family at ``nfe``, linear between the two records around it."""
+    for lo, hi in zip(rows, rows[1:]):
+        if lo["nfe"] <= nfe <= hi["nfe"] and hi["nfe"] > lo["nfe"]:
+            f = (nfe - lo["nfe"]) / (hi["nfe"] - lo["nfe"])
+            return {k: lo[k] + f * (hi[k] - lo[k]) for k in ("adherence", "mse")}
+    return None
+
+
+def _matched_table(rows: list[dict]) -> list[str]:
+    matched = matched_rows(rows)
+    if not matched:
+        return []
+
+    def cell(b):
+        return "–" if b is None else f"{100 * b['adherence']:.1f} / {b['mse']:.5f}"
+
+    lines = ["| policy | NFE | adherence % / MSE | cutoff at its NFE | best interval at its NFE "
+             "| AG (x̂₀, interpolated) | ≥ both in adherence, < both in MSE |",
+             "|---|---:|---:|---:|---:|---:|:---:|"]
+    for m in matched:
+        verdict = {True: "yes", False: "no"}.get(m.get("beats"), "–")
+        lines.append(f"| {m['policy']} | {m['nfe']:.2f} | {cell(m)} | {cell(m['cutoff'])} | {cell(m['interval'])} "
+                     f"| {cell(m['ag'])} | {verdict} |")
+    return lines
 
 
 def _key_rows(rows: list[dict], what: str) -> list[str]:

@@ -314,3 +314,23 @@ def test_adaptive_search_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, f
     code, out, err = run_cli(capsys, "search", *adaptive_args(tmp_path), *extra)
     assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err and fragment in err
+
+
+def test_searches_in_one_process_tabulate_each_pair_once(tmp_path, monkeypatch):
+    """A sweep's adaptive searches at several budgets share the tables of their pairs (and the
+    calibration γ): the second search tabulates nothing and finds the rule a fresh process finds."""
+    import agsearch.search.thresholds as thresholds
+    from agsearch.cli.search import run_search
+
+    calls, real = [], thresholds.tabulate
+    monkeypatch.setattr(thresholds, "tabulate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    monkeypatch.setattr(thresholds, "_SHARED_TABLES", {})
+    monkeypatch.setattr(thresholds, "_SHARED_CALIBRATION", {})
+    run_search(adaptive_args(tmp_path / "a"))
+    tabulated = sum(calls)
+    second, _, _ = run_search(adaptive_args(tmp_path / "b", "--model.budget=10"))
+    assert tabulated == 12 and sum(calls) == tabulated  # 8 training and 4 validation pairs, once
+    monkeypatch.setattr(thresholds, "_SHARED_TABLES", {})
+    monkeypatch.setattr(thresholds, "_SHARED_CALIBRATION", {})
+    fresh, _, _ = run_search(adaptive_args(tmp_path / "c", "--model.budget=10"))
+    assert second.rule == fresh.rule and second.nfe == fresh.nfe

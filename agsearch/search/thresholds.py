@@ -231,6 +231,13 @@ def calibrate(gamma: torch.Tensor, u_thresholds: torch.Tensor, budget: float, it
     return torch.tensor(hi if abs(nfe(hi) - budget) <= abs(nfe(lo) - budget) else lo, dtype=torch.float64)
 
 
+# Tables and calibration γ computed in this process, by everything they depend on (the frozen model,
+# its scheduler, T, w, the rule's space, the distance, stop scales, the device): the searches of one
+# sweep at several budgets tabulate the same pairs once.
+_SHARED_TABLES: dict[str, dict[int, "Outcomes"]] = {}
+_SHARED_CALIBRATION: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+
+
 # -- the Lightning module -------------------------------------------------------------------------
 class ThresholdSearchModule(SearchBase):
     """Per-step thresholds of the adaptive rule, trained against the full-CFG teacher.
@@ -324,6 +331,10 @@ class ThresholdSearchModule(SearchBase):
         """The tables of ``batch``'s pairs (computed once per noise seed, then cached)."""
         self._on_device()
         seeds = batch["seed"]
+        shared = _SHARED_TABLES.setdefault(self._cache_key(), {})
+        for s in seeds.tolist():
+            if s not in self._tables and s in shared:
+                self._tables[s] = shared[s]
         missing = [j for j, s in enumerate(seeds.tolist()) if s not in self._tables]
         if missing:
             idx = torch.tensor(missing, device=seeds.device)
@@ -334,7 +345,7 @@ class ThresholdSearchModule(SearchBase):
                                  self.guidance_scale, self.rule_space, self.hparams.distance,
                                  stop_scales=self.searches_stop_scales).to("cpu")
             for n, j in enumerate(missing):
-                self._tables[int(seeds[j])] = table[n:n + 1]
+                self._tables[int(seeds[j])] = shared[int(seeds[j])] = table[n:n + 1]
         return Outcomes.cat([self._tables[int(s)] for s in seeds.tolist()]).to(self.device)
 
     @torch.no_grad()
@@ -343,6 +354,9 @@ class ThresholdSearchModule(SearchBase):
         from agsearch.search.data import PairDataset
 
         key = (int(seed), int(pairs))
+        shared = _SHARED_CALIBRATION.setdefault(self._cache_key(), {})
+        if key not in self._calibration and key in shared:
+            self._calibration[key] = shared[key]
         if key not in self._calibration:
             self._on_device()
             batch = PairDataset(seed, pairs, self.backend.num_conditions).batch(self.device)
@@ -350,8 +364,18 @@ class ThresholdSearchModule(SearchBase):
             _, gamma = teacher_gamma(self.backend.denoiser, self.backend.scheduler, noise,
                                      self.backend.condition(batch["label"]), self.num_inference_steps,
                                      self.guidance_scale, self.rule_space)
-            self._calibration[key] = gamma.double().cpu()
+            self._calibration[key] = shared[key] = gamma.double().cpu()
         return self._calibration[key]
+
+    def _cache_key(self) -> str:
+        """What the tables of a pair depend on besides its seed and condition."""
+        import json
+
+        return json.dumps({"backend": self.backend.provenance(), "scheduler": type(self.backend.scheduler).__name__,
+                           "scheduler_config": dict(self.backend.scheduler.config), "T": self.num_inference_steps,
+                           "w": self.guidance_scale, "space": self.rule_space, "distance": self.hparams.distance,
+                           "stop_scales": self.searches_stop_scales, "device": str(self.device)},
+                          sort_keys=True, default=str)
 
     def gamma_quantiles(self) -> list[list[float]] | None:
         """Per step, the 5/50/95% quantiles of the teacher's γ over the pairs tabulated so far."""

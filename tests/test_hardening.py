@@ -259,9 +259,10 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, need
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("command", ["search", "cca"])
-def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_or_a_checkpoint(tmp_path, command):
-    """A real SIGINT to a running training command: exit 130, one line saying what was kept."""
+@pytest.mark.parametrize("command, stop", [("search", "SIGINT"), ("cca", "SIGINT"), ("search", "SIGTERM")])
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_or_a_checkpoint(tmp_path, command, stop):
+    """A real SIGINT (or a scheduler's SIGTERM, which Lightning alone would only log) to a running
+    training command: exit 130, one line saying what was kept."""
     import re
     import signal
     import subprocess
@@ -280,7 +281,7 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing_or_a_checkpoint(tmp_p
     while not (runs.is_dir() and any(runs.rglob("*"))) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # inside the fit
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))
     _, err = proc.communicate(timeout=120)
     lines = err.strip().splitlines()  # the run's own progress lines come first
     assert proc.returncode == 130 and "Traceback" not in err, err

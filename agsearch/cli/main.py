@@ -7,9 +7,12 @@ option), with one line on stderr and no traceback; 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from agsearch.cli.common import MAX_SEED, MAX_SIZE, UserError, printable
@@ -574,7 +577,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler's stop) ends a command as Ctrl-C does: exit 130, one line
+    saying what was kept. (Lightning only logs a SIGTERM and trains on; it calls this handler too.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
+    with terminate_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["search"]:  # LightningCLI parses its own arguments
         from agsearch.cli.search import search_main

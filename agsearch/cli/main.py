@@ -271,13 +271,14 @@ def cmd_bench(args) -> int:
     args.out_dir = args.out_dir or Path("results/shapes" if args.model == "shapes" else "results")
     _check_out(args.out_dir / "benchmark.md")
     if args.model == "shapes":
+        from agsearch.eval.shapes import max_batch
         from agsearch.eval.shapes_bench import run_shapes_benchmark
 
         if args.merge or args.records:
             raise UserError("--merge and --records are options of the digits benchmark; "
                             "pass the policies to add with --policy")
         run_shapes_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
-                             batch_size=min(args.batch_size, 500), device=args.device,
+                             batch_size=min(args.batch_size, max_batch(args.device)), device=args.device,
                              progress=not args.no_progress, quick=args.quick, policies=args.policy,
                              families=args.families, resume=args.resume)
         return 0

@@ -22,8 +22,8 @@ def evaluator_for(model: str, *, samples: int = 1000, seed: int = 1, scheduler: 
         return DigitsEvaluator(samples=samples, seed=seed, scheduler=scheduler, batch_size=batch_size, device=device,
                                progress=progress)
     if model == "shapes":
-        from agsearch.eval.shapes import ShapesEvaluator
+        from agsearch.eval.shapes import ShapesEvaluator, max_batch
 
         return ShapesEvaluator(samples=samples, seed=seed, captions=captions or "heldout", scheduler=scheduler,
-                               batch_size=min(batch_size, 500), device=device, progress=progress)
+                               batch_size=min(batch_size, max_batch(device)), device=device, progress=progress)
     raise ValueError(f"unknown model {model!r}; expected digits or shapes")

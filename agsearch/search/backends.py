@@ -256,12 +256,12 @@ class ShapesBackend(TextPipelineBackend):
         if clip is not None:
             raise ValueError("eval.clip_weights applies to a pipeline folder's search; "
                              "the shapes model is scored exactly (adherence, FD)")
-        from agsearch.eval.shapes import ShapesEvaluator
+        from agsearch.eval.shapes import ShapesEvaluator, max_batch
         from agsearch.models.shapes import load_scorer
 
         self.pipe.to(device)  # the evaluator encodes its captions batch by batch
         return ShapesEvaluator(samples=samples, seed=seed, captions=self.caption_source or "train",
-                               scheduler=self.scheduler_name, batch_size=min(batch_size, 500), device=device,
+                               scheduler=self.scheduler_name, batch_size=min(batch_size, max_batch(device)), device=device,
                                progress=progress, pipe=self.pipe, scorer=load_scorer())
 
     def provenance(self) -> dict:

@@ -1,6 +1,6 @@
 """The benchmark on the built-in shapes text-to-image model: two tables, fronts, cosines, a sample grid.
 
-    agsearch bench --model shapes                      # results/shapes/, ≈ 40 policies × 2 caption sets
+    agsearch bench --model shapes                      # results/shapes/, ≈ 50 policies × 2 caption sets
     agsearch bench --model shapes --policy P.json ...  # also searched policies (family "policy file")
 
 Protocol: the model's benchmark settings (DDIM, 25 steps, the calibrated best scale,

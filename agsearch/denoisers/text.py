@@ -94,6 +94,11 @@ class TextCondition:
             return cls(pe, npe)
 
 
+def _rows(cond_rows: torch.Tensor, uncond_rows: torch.Tensor, run_cond, run_uncond) -> torch.Tensor:
+    """One batch of the conditional rows that run, then the unconditional ones (``_scatter`` undoes it)."""
+    return torch.cat([cond_rows[run_cond], uncond_rows[run_uncond]])
+
+
 def _scatter(x: torch.Tensor, out: torch.Tensor, run_cond: torch.Tensor, run_uncond: torch.Tensor):
     out_c, out_u = torch.zeros_like(x), torch.zeros_like(x)
     n = int(run_cond.sum())
@@ -115,15 +120,15 @@ class UNetTextDenoiser:
         self.evaluations = 0
 
     def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
-        x_in = torch.cat([x[run_cond], x[run_uncond]])  # (n_c + n_u, C, H, W)
+        x_in = _rows(x, x, run_cond, run_uncond)  # (n_c + n_u, C, H, W)
         if len(x_in) == 0:
             return torch.zeros_like(x), torch.zeros_like(x)
         dtype = self.unet.dtype
-        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
+        ctx = _rows(cond.prompt_embeds, cond.negative_prompt_embeds, run_cond, run_uncond)
         added = None
         if cond.time_ids is not None:  # SDXL's added text-time conditioning
-            added = {"text_embeds": torch.cat([cond.pooled[run_cond], cond.negative_pooled[run_uncond]]).to(dtype),
-                     "time_ids": torch.cat([cond.time_ids[run_cond], cond.negative_time_ids[run_uncond]]).to(dtype)}
+            added = {"text_embeds": _rows(cond.pooled, cond.negative_pooled, run_cond, run_uncond).to(dtype),
+                     "time_ids": _rows(cond.time_ids, cond.negative_time_ids, run_cond, run_uncond).to(dtype)}
         self.evaluations += len(x_in)
         out = self.unet(x_in.to(dtype), t, encoder_hidden_states=ctx.to(dtype), added_cond_kwargs=added).sample
         return _scatter(x, out, run_cond, run_uncond)
@@ -139,12 +144,12 @@ class SD3TextDenoiser:
         self.evaluations = 0
 
     def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
-        x_in = torch.cat([x[run_cond], x[run_uncond]])
+        x_in = _rows(x, x, run_cond, run_uncond)
         if len(x_in) == 0:
             return torch.zeros_like(x), torch.zeros_like(x)
         dtype = self.transformer.dtype
-        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
-        pooled = torch.cat([cond.pooled[run_cond], cond.negative_pooled[run_uncond]])
+        ctx = _rows(cond.prompt_embeds, cond.negative_prompt_embeds, run_cond, run_uncond)
+        pooled = _rows(cond.pooled, cond.negative_pooled, run_cond, run_uncond)
         self.evaluations += len(x_in)
         out = self.transformer(hidden_states=x_in.to(dtype), timestep=t.expand(len(x_in)),
                                encoder_hidden_states=ctx.to(dtype), pooled_projections=pooled.to(dtype)).sample
@@ -160,12 +165,12 @@ class PixArtTextDenoiser:
         self.evaluations = 0
 
     def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
-        x_in = torch.cat([x[run_cond], x[run_uncond]])
+        x_in = _rows(x, x, run_cond, run_uncond)
         if len(x_in) == 0:
             return torch.zeros_like(x), torch.zeros_like(x)
         dtype = self.transformer.dtype
-        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
-        mask = torch.cat([cond.mask[run_cond], cond.negative_mask[run_uncond]])
+        ctx = _rows(cond.prompt_embeds, cond.negative_prompt_embeds, run_cond, run_uncond)
+        mask = _rows(cond.mask, cond.negative_mask, run_cond, run_uncond)
         self.evaluations += len(x_in)
         out = self.transformer(x_in.to(dtype), encoder_hidden_states=ctx.to(dtype), encoder_attention_mask=mask,
                                timestep=t.expand(len(x_in)), added_cond_kwargs={"resolution": None, "aspect_ratio": None}
@@ -187,14 +192,14 @@ class WanTextDenoiser:
         self.evaluations = 0
 
     def __call__(self, x, t, cond: TextCondition, run_cond, run_uncond):
-        x_in = torch.cat([x[run_cond], x[run_uncond]])
+        x_in = _rows(x, x, run_cond, run_uncond)
         if len(x_in) == 0:
             return torch.zeros_like(x), torch.zeros_like(x)
         model = self.transformer
         if self.boundary is not None and self.transformer_2 is not None and float(t) < self.boundary:
             model = self.transformer_2
         dtype = model.dtype
-        ctx = torch.cat([cond.prompt_embeds[run_cond], cond.negative_prompt_embeds[run_uncond]])
+        ctx = _rows(cond.prompt_embeds, cond.negative_prompt_embeds, run_cond, run_uncond)
         self.evaluations += len(x_in)
         out = model(hidden_states=x_in.to(dtype), timestep=t.expand(len(x_in)), encoder_hidden_states=ctx.to(dtype)).sample
         return _scatter(x, out, run_cond, run_uncond)

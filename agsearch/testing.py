@@ -148,6 +148,76 @@ def sd15(seed: int = 0, tokenizer: bool = False, device="cpu", dtype=torch.float
     return _quiet(pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype))
 
 
+def sdxl_sized(seed: int = 0, device="cpu", dtype=torch.float32):
+    """A StableDiffusionXLPipeline whose UNet (2.6B parameters) and VAE have SDXL-base-1.0's
+    architectures, with random weights, for timing the denoising loop.
+
+    The UNet and VAE configs are those of ``stable-diffusion-xl-base-1.0``'s ``unet/`` and
+    ``vae/`` folders. The two CLIP text encoders keep SDXL's widths (768 and 1280, projection
+    1280: the UNet's 2048-wide cross-attention and its 2816-wide text-time embedding) but have one
+    layer each: text encoding runs once per call, outside the loop a policy shortens. The real
+    CLIP tokenizer is built offline; Euler scheduler as SDXL's.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32)  # 2816 = 1280 + 6·256
+        vae = AutoencoderKL(
+            sample_size=1024, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.13025, force_upcast=True)
+        clip = dict(num_hidden_layers=1, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        text_encoder = CLIPTextModel(_clip_config(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                  projection_dim=768, **clip))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280, **clip))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    tokenizer = clip_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        unet=unet, scheduler=scheduler, image_encoder=None, feature_extractor=None)
+    return _quiet(pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype))
+
+
+def wan_1_3b_sized(seed: int = 0, device="cpu", dtype=torch.float32):
+    """A WanPipeline whose transformer (1.4B parameters) and VAE have Wan 2.1 T2V-1.3B's
+    architectures, with random weights, for timing the denoising loop.
+
+    The transformer and VAE configs are those of ``Wan2.1-T2V-1.3B-Diffusers``'s
+    ``transformer/`` and ``vae/`` folders (30 layers, 12 heads of 128, FFN 8960, text width 4096).
+    The UMT5 text encoder keeps the 4096 width but has one layer and a tokenizer trained in code:
+    text encoding runs once per call, outside the loop a policy shortens. UniPC on flow sigmas,
+    flow shift 3, as Wan 2.1's.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    with torch.device(device):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+        vae = AutoencoderKLWan(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                               temperal_downsample=[False, True, True])
+        text_encoder = UMT5EncoderModel(_t5_config(len(tokenizer), umt5=True, d_model=4096, d_kv=64, num_heads=2,
+                                                   d_ff=64, num_layers=1))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler,
+                       transformer=transformer.eval())
+    return _quiet(pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype))
+
+
 def random_prompt_embeds(pipe, batch: int, seed: int = 0) -> torch.Tensor:
     """Text embeddings (batch, 77, D) of random token ids through the pipeline's own text
     encoder: a tokenizer-free way to call a (SD 1.x/2.x) pipeline with ``prompt_embeds``."""

@@ -5,6 +5,10 @@
                                                             # SD-1.5-sized pipeline, 512×512, 50 steps
     python experiments/pipeline_speed.py --family wan       # a tiny two-call pipeline (wan, wan22, flux,
                                                             # qwen_image) or another batched one (pixart_sigma, sana)
+    python experiments/pipeline_speed.py --sdxl --device cuda --dtype bf16 --latent
+                                                            # SDXL's UNet (2.6B), 1024×1024, 30 steps
+    python experiments/pipeline_speed.py --wan-1.3b --device cuda --dtype bf16 --latent
+                                                            # Wan 2.1 1.3B's transformer, 832×480, 33 frames
 
 The pipeline is a StableDiffusionPipeline built in code with random weights
 (``agsearch.testing``: the tiny test pipeline, or SD 1.5's UNet/VAE/CLIP-text
@@ -46,8 +50,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILY_CALLS = {
     "pixart_sigma": dict(use_resolution_binning=False, clean_caption=False, max_sequence_length=16),
     "sana": dict(use_resolution_binning=False, complex_human_instruction=None, max_sequence_length=16),
-    "wan": dict(num_frames=9, max_sequence_length=16),
-    "wan22": dict(num_frames=9, max_sequence_length=16),
+    "wan": dict(max_sequence_length=16),  # num_frames: --frames
+    "wan22": dict(max_sequence_length=16),
+    "sdxl": dict(),
     "flux": dict(max_sequence_length=16),
     "qwen_image": dict(max_sequence_length=16),
 }
@@ -58,13 +63,19 @@ def parse_args(argv=None):
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="the tiny test pipeline (default)")
     size.add_argument("--sd15", action="store_true", help="SD 1.5's architecture with random weights")
+    size.add_argument("--sdxl", action="store_true", help="SDXL-base's UNet and VAE with random weights (batched CFG)")
+    size.add_argument("--wan-1.3b", dest="wan13b", action="store_true",
+                      help="Wan 2.1 T2V-1.3B's transformer and VAE with random weights (two calls per step)")
     p.add_argument("--family", default="sd", choices=sorted(FAMILY_CALLS) + ["sd"],
                    help="tiny pipeline of agsearch.testing (default sd; the others are called with prompts)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="prompts per call (each a separate row)")
-    p.add_argument("--steps", type=int, default=None, help="default: 50 (--sd15), 20 (--tiny)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels; default 512 (--sd15), 64 (--tiny)")
+    p.add_argument("--steps", type=int, default=None, help="default: 50 (--sd15), 30 (--sdxl, --wan-1.3b), 20 (--tiny)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image height in pixels; default 512 (--sd15), 1024 (--sdxl), 480 (--wan-1.3b), 64 (--tiny)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels; default 832 (--wan-1.3b), else --size")
+    p.add_argument("--frames", type=int, default=None, help="video frames (4k+1) for Wan; default 33 (--wan-1.3b), 9")
     p.add_argument("--scale", type=float, default=7.5)
     p.add_argument("--cutoff", type=float, default=0.6, help="fraction of the steps that run CFG")
     p.add_argument("--latent", action="store_true", help="return latents: time the denoising loop without the VAE decode")
@@ -77,10 +88,24 @@ def parse_args(argv=None):
         p.error(f"--cutoff must be in [0, 1], got {args.cutoff}")
     if min(args.batch) < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch and --repeats must be >= 1, --warmup >= 0")
-    name = "sd15" if args.sd15 else ("tiny" if args.family == "sd" else f"tiny_{args.family}")
+    if args.sdxl or args.wan13b:
+        if args.family != "sd":
+            p.error("--family picks a tiny pipeline; --sdxl and --wan-1.3b pick their own")
+        args.family = "sdxl" if args.sdxl else "wan"
+    if args.sd15:
+        name = "sd15"
+    elif args.sdxl or args.wan13b:
+        name = "sdxl" if args.sdxl else "wan_1_3b"
+    else:
+        name = "tiny" if args.family == "sd" else f"tiny_{args.family}"
     args.name = name
-    args.steps = args.steps or (50 if args.sd15 else 20)
-    args.size = args.size or (512 if args.sd15 else 64)
+    big = args.sdxl or args.wan13b
+    args.steps = args.steps or (50 if args.sd15 else 30 if big else 20)
+    args.size = args.size or (512 if args.sd15 else 1024 if args.sdxl else 480 if args.wan13b else 64)
+    args.width = args.width or (832 if args.wan13b and args.size == 480 else args.size)
+    args.frames = args.frames or (33 if args.wan13b else 9)
+    if args.family in ("wan", "wan22") and (args.frames - 1) % 4:
+        p.error(f"--frames must be 4k+1 for Wan, got {args.frames}")
     args.out = Path(args.out) if args.out else ROOT / "results" / f"pipeline_speed_{name}_{args.device.split(':')[0]}"
     return args
 
@@ -98,6 +123,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     if args.sd15:
         pipe = tiny_pipelines.sd15(device=device, dtype=dtype)
+    elif args.sdxl:
+        pipe = tiny_pipelines.sdxl_sized(device=device, dtype=dtype)
+    elif args.wan13b:
+        pipe = tiny_pipelines.wan_1_3b_sized(device=device, dtype=dtype)
     elif args.family != "sd":
         pipe = getattr(tiny_pipelines, f"tiny_{args.family}")().to(device, dtype)
     else:
@@ -105,10 +134,13 @@ def main(argv=None):
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     build_s = time.perf_counter() - t0
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    denoiser_parameters = sum(p.numel() for p in denoiser.parameters())
     k = round(args.cutoff * args.steps)
     policy = Policy.static(["cfg"] * k + ["cond"] * (args.steps - k), args.scale, name=f"cutoff-{args.cutoff:g}")
     full = Policy.static(["cfg"] * args.steps, args.scale, name="full")
-    print(f"{args.name} pipeline on {device} ({args.dtype}) built in {build_s:.1f}s; T={args.steps}, "
+    print(f"{args.name} pipeline on {device} ({args.dtype}) built in {build_s:.1f}s, denoiser "
+          f"{denoiser_parameters / 1e9:.3f}B parameters; T={args.steps}, "
           f"policy {policy.ops_string()} NFE {policy.nfe} vs {full.nfe}", flush=True)
 
     rows = []
@@ -124,13 +156,15 @@ def main(argv=None):
             scale_arg = "true_cfg_scale" if args.family in ("flux", "qwen_image") else "guidance_scale"
             inputs = dict(prompt=["a red circle"] * batch, negative_prompt=["blurry"] * batch,
                           **FAMILY_CALLS[args.family], **{scale_arg: args.scale})
+            if args.family in ("wan", "wan22"):
+                inputs["num_frames"] = args.frames
 
         def call(which):
             extra = {} if args.family == "sd" else dict(generator=[torch.Generator().manual_seed(j)
                                                                  for j in range(batch)])
-            kwargs = dict(**inputs, **extra, num_inference_steps=args.steps, height=args.size, width=args.size,
+            kwargs = dict(**inputs, **extra, num_inference_steps=args.steps, height=args.size, width=args.width,
                           output_type="latent" if args.latent else "pt")
-            if args.family in ("sd", "pixart_sigma", "sana", "wan", "wan22"):
+            if args.family in ("sd", "sdxl", "pixart_sigma", "sana", "wan", "wan22"):
                 kwargs["guidance_scale"] = args.scale
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -175,6 +209,8 @@ def main(argv=None):
 
     meta = dict(latent=args.latent, pipeline=args.name, pattern=("two calls" if args.family in ("wan", "wan22", "flux", "qwen_image")
                                              else "batched"), device=str(device), dtype=args.dtype, steps=args.steps, size=args.size,
+                width=args.width, frames=args.frames if args.family in ("wan", "wan22") else None,
+                denoiser_parameters=denoiser_parameters,
                 guidance_scale=args.scale, policy=policy.ops_string(), policy_nfe=policy.nfe, full_nfe=full.nfe,
                 warmup=args.warmup, repeats=args.repeats, build_s=build_s,
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -190,7 +226,8 @@ def main(argv=None):
         "",
         f"`{meta['command']}`",
         "",
-        f"{args.size}×{args.size}, T = {args.steps}, w = {args.scale:g}; policy = CFG on the first {k} steps, "
+        f"{args.width}×{args.size}{f' × {args.frames} frames' if meta['frames'] else ''}, "
+        f"denoiser {denoiser_parameters / 1e9:.2f}B parameters, T = {args.steps}, w = {args.scale:g}; policy = CFG on the first {k} steps, "
         f"then cond ({policy.nfe} vs {full.nfe} NFE per image). Median of {args.repeats} timed calls after "
         f"{args.warmup} warm-up; times {'exclude' if args.latent else 'include'} the VAE decode; torch {torch.__version__}, "
         f"diffusers {meta['diffusers']}, {meta['torch_threads']} CPU threads; load average at the end "

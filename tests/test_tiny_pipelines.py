@@ -182,3 +182,14 @@ def test_qwen_image_template_prefix_is_the_dropped_prefix(pipes):
     assert len(pipe.tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx == 34
     embeds, mask = pipe.encode_prompt(PROMPT, max_sequence_length=16)
     assert embeds.shape[1] == len(pipe.tokenizer(pipe.prompt_template_encode.format(PROMPT)).input_ids) - 34
+
+
+@pytest.mark.parametrize("builder, expected", [("sdxl_sized", 2_567_463_684), ("wan_1_3b_sized", 1_418_996_800)])
+def test_gpu_sized_pipelines_have_the_released_denoiser_sizes(builder, expected):
+    """experiments/gpu_speed.sh times these: SDXL-base-1.0's UNet (2.57B parameters) and Wan 2.1
+    T2V-1.3B's transformer (1.42B), built on the meta device (no memory, no init)."""
+    from agsearch import testing
+
+    pipe = getattr(testing, builder)(device="meta")
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    assert sum(p.numel() for p in denoiser.parameters()) == expected

@@ -11,6 +11,12 @@ sampler runs (``kind: "static"``), or gives a per-sample rule that decides it wh
     affine   ε̂_u + w (ε_c − ε̂_u), ε̂_u an affine  1  (LinearAG, ``agsearch.linear_ag``; 2 where it
              map of past estimates (``coef``)       falls back to ``cfg``)
 
+A policy with ``"axis": "tokens"`` runs over the token positions of an autoregressive model
+(``agsearch.tokens``): one step per token, ``cfg`` guides the token's logits and ``cond`` skips its
+unconditional pass; its NFE counts forward passes per sample, the unconditional stream's included,
+which computes every position up to the last guided one (its key/value cache stays exact: a stream
+that resumes first computes the positions it skipped). Its adaptive rule is ``token_divergence``.
+
 An ``affine`` step needs the previous step's ε_c and ε_u (true or estimated) when its past
 coefficients are non-zero. Where they are missing — step 0, or after a ``cond`` or ``uncond``
 step — it runs its ``fallback`` (``cond`` or ``cfg``); a static policy whose affine step could
@@ -38,7 +44,8 @@ from agsearch.io import atomic_write_text, read_text_file
 
 FORMAT = "agsearch.policy"
 VERSION = 1
-RULES = ("ag_cosine",)
+RULES = ("ag_cosine", "token_divergence")
+AXES = ("steps", "tokens")
 # Limits (also in the schema): more steps than a diffusion model's training timesteps, or scales at
 # which CFG's output is no longer a prediction, are refused before any work.
 MAX_STEPS = 1000
@@ -129,10 +136,29 @@ def validate(document: Any) -> None:
         if key in rule and len(rule[key]) != document["num_inference_steps"]:
             raise PolicyError(f"{len(rule[key])} {key} listed but num_inference_steps is "
                               f"{document['num_inference_steps']} (one per step)", f"/rule/{key}")
+    axis = document.get("axis", "steps")
+    if axis == "tokens":
+        for i, step in enumerate(steps or []):
+            if step["op"] not in ("cfg", "cond"):
+                raise PolicyError(f"{step['op']!r} is not a token op: a token policy runs 'cfg' or 'cond' at each token",
+                                  f"/steps/{i}/op")
+        if rule and rule["rule"] != "token_divergence":
+            raise PolicyError(f"{rule['rule']!r} is a diffusion rule; a token policy's rule is 'token_divergence'",
+                              "/rule/rule")
+    elif rule and rule["rule"] == "token_divergence":
+        raise PolicyError("'token_divergence' is a rule over tokens: give the policy \"axis\": \"tokens\"", "/rule/rule")
     if steps is not None and "nfe" in document:
-        expected = sum(step_costs(steps))
+        expected = token_nfe(steps) if axis == "tokens" else sum(step_costs(steps))
         if document["nfe"] != expected:
             raise PolicyError(f"{_short(document['nfe'])} does not match the steps, which cost {expected}", "/nfe")
+
+
+def token_nfe(steps: list[dict]) -> int:
+    """Forward passes per sample of a static token policy: one conditional pass per token, plus the
+    unconditional stream's positions up to the last guided token (all of them: a stream that skips
+    positions computes them when it resumes, so its key/value cache stays exact)."""
+    guided = [i for i, step in enumerate(steps) if step["op"] == "cfg"]
+    return len(steps) + (guided[-1] + 1 if guided else 0)
 
 
 def step_costs(steps: list[dict]) -> list[int]:
@@ -191,6 +217,7 @@ class Policy:
     name: str | None = None
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    axis: str = "steps"  # "tokens": over an AR model's token positions
 
     def __post_init__(self):
         validate(self._document())
@@ -237,6 +264,7 @@ class Policy:
             name=document.get("name"),
             provenance=dict(document.get("provenance", {})),
             metrics=dict(document.get("metrics", {})),
+            axis=document.get("axis", "steps"),
         )
 
     @classmethod
@@ -270,12 +298,14 @@ class Policy:
         doc: dict[str, Any] = {"format": FORMAT, "version": VERSION}
         if self.name is not None:
             doc["name"] = self.name
-        doc.update(kind=self.kind, num_inference_steps=self.num_inference_steps,
-                   guidance_scale=self.guidance_scale)
+        doc["kind"] = self.kind
+        if self.axis != "steps":
+            doc["axis"] = self.axis
+        doc.update(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale)
         if self.steps is not None:
             doc["steps"] = self.steps
             try:
-                doc["nfe"] = sum(step_costs(self.steps))
+                doc["nfe"] = token_nfe(self.steps) if self.axis == "tokens" else sum(step_costs(self.steps))
             except (PolicyError, KeyError, TypeError, AttributeError):  # validate() reports it
                 doc["nfe"] = sum(OP_NFE[s.get("op")] for s in self.steps if isinstance(s, dict) and s.get("op") in OP_NFE)
         if self.rule is not None:
@@ -309,7 +339,7 @@ class Policy:
         """Denoiser evaluations per sample; ``None`` for an adaptive policy (it varies per sample)."""
         if self.kind != "static":
             return None
-        return sum(step_costs(self.steps))
+        return token_nfe(self.steps) if self.axis == "tokens" else sum(step_costs(self.steps))
 
     @property
     def max_nfe(self) -> int:
@@ -343,6 +373,9 @@ class Policy:
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.kind == "adaptive" and self.rule["rule"] == "token_divergence":
+            r = self.rule
+            return f"{r['measure']}-{r['threshold']:g}-p{r.get('patience', 1)}" + (f"-w{r['warmup']}" if r.get("warmup") else "")
         if self.kind == "adaptive":
             space = self.rule.get("space", "x0")
             return f"ag-{space}-{self.rule['threshold']:g}" if "threshold" in self.rule else f"ag-{space}-per-step"
@@ -366,17 +399,29 @@ class Policy:
             if rule and key in rule:
                 rule[key] = remap(rule[key])
         return Policy(self.kind, num_inference_steps, self.guidance_scale, steps=steps, rule=rule, name=self.name,
-                      provenance=provenance, metrics={})
+                      provenance=provenance, metrics={}, axis=self.axis)
 
-    def for_steps(self, num_inference_steps: int, resample: bool = False) -> "Policy":
-        """This policy for a sampler that runs ``num_inference_steps``: refused on a mismatch
-        unless ``resample`` is asked for."""
+    def require_axis(self, axis: str) -> "Policy":
+        """This policy, if it is over ``axis`` ("steps": a diffusion sampler; "tokens": an AR
+        model); :class:`PolicyError` otherwise."""
+        if self.axis != axis:
+            raise PolicyError(
+                "a token policy (axis 'tokens', for the AR model) cannot run on a diffusion sampler" if axis == "steps"
+                else "a diffusion policy cannot run over an AR model's tokens: token policies have \"axis\": \"tokens\"",
+                "/axis")
+        return self
+
+    def for_steps(self, num_inference_steps: int, resample: bool = False, axis: str = "steps") -> "Policy":
+        """This policy for a sampler that runs ``num_inference_steps`` (over ``axis``): refused on
+        another axis, and on a mismatch unless ``resample`` is asked for."""
+        self.require_axis(axis)
         if num_inference_steps == self.num_inference_steps:
             return self
         if not resample:
             raise PolicyError(
-                f"policy has {self.num_inference_steps} steps but the sampler runs "
-                f"{num_inference_steps}; ask to resample it (--resample) to map steps by position",
+                f"policy has {self.num_inference_steps} {'tokens' if axis == 'tokens' else 'steps'} but the "
+                f"{'model generates' if axis == 'tokens' else 'sampler runs'} {num_inference_steps}; "
+                f"ask to resample it (--resample) to map {axis} by position",
                 "/num_inference_steps",
             )
         return self.resample(num_inference_steps)

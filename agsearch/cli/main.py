@@ -345,6 +345,59 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _budget(text: str) -> float:
+    """Passes per token in [1, 2]."""
+    value = _finite_float(text)
+    if not 1.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"expected passes per token in [1, 2], got {text}")
+    return value
+
+
+def _load_token_policies(paths) -> list:
+    from agsearch.policy import Policy
+    from agsearch.tokens import check_token_policy
+
+    policies = []
+    for path in paths:
+        policy = Policy.load(path)
+        try:
+            check_token_policy(policy)
+        except PolicyError as e:
+            raise PolicyError(e.reason, e.pointer, str(path)) from None
+        policies.append(policy)
+    return policies
+
+
+def cmd_ar_search(args) -> int:
+    from agsearch.search.tokens import search_token_policy
+
+    if args.out.exists() and args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder")
+    if not 1.0 < args.scale <= 8.0:
+        raise UserError(f"--scale must be in (1, 8] (the teacher's CFG scale), got {args.scale:g}")
+    policy, seconds, _ = search_token_policy(args.budget, args.scale, steps=args.steps, seed=args.seed,
+                                             progress=not args.no_progress)
+    policy.save(args.out)
+    print(f"{policy.ops_string()}: {policy.nfe / 64:.3f} passes per token, searched in {seconds:.0f}s; wrote {args.out}")
+    return 0
+
+
+def cmd_ar_front(args) -> int:
+    from agsearch.eval.tokens_front import run_front
+
+    extra = _load_token_policies(args.policy)  # refused before any work
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UserError(f"--out-dir {args.out_dir} is a file")
+    if not 1.0 < args.scale <= 8.0:
+        raise UserError(f"--scale must be in (1, 8] (the teacher's CFG scale), got {args.scale:g}")
+    command = "agsearch ar-front " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "agsearch ar-front"
+    run_front(args.out_dir, args.samples, args.seed, args.scale, tuple(args.budgets), search_steps=args.search_steps,
+              cca_lam=args.cca_lam, cca_steps=args.cca_steps, device=args.device, command=command.strip(),
+              extra=extra)
+    print(f"wrote {args.out_dir / 'front.md'}, front.json, front.png and policies/")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from agsearch.diffusers.generate import (
         VIDEO,
@@ -571,6 +624,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="PNG to write (a GIF for a video pipeline; <stem>-<i>.png for several prompts)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ar-search", help="search a token policy (per-token gates and scales) for the AR digits model",
+                       description="Train per-token gates and scales against full CFG under a budget of passes "
+                                   "per token (straight-through Gumbel rollouts, sequence-level KL), and write the "
+                                   "policy file (axis tokens).")
+    p.add_argument("--budget", type=_budget, default=1.25, help="passes per token, in [1, 2]")
+    p.add_argument("--scale", type=_finite_float, default=3.0, help="the teacher's CFG scale")
+    p.add_argument("--steps", type=_int_up_to(100_000, "steps"), default=100, help="training steps")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--out", type=Path, required=True, help="the policy file to write")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ar_search)
+
+    p = sub.add_parser("ar-front", help="AR model: guidance policies and CCA on one front of quality vs passes per token",
+                       description="Evaluate full CFG, token cutoffs, the per-sample divergence rule, searched "
+                                   "token policies, CCA without guidance and CCA with the same policies, on the "
+                                   "same held-out classes and seeds; write front.md, front.json, front.png.")
+    p.add_argument("--samples", type=_int_up_to(MAX_SAMPLES, "samples"), default=1000)
+    p.add_argument("--seed", type=_seed, default=1, help="held-out sampling seed")
+    p.add_argument("--scale", type=_finite_float, default=3.0, help="CFG scale of the teacher and the policies")
+    p.add_argument("--budgets", type=_budget, nargs="+", default=[1.25, 1.5],
+                   help="passes per token: one searched policy each, and a 'best at' row each")
+    p.add_argument("--search-steps", type=_int_up_to(100_000, "steps"), default=100)
+    p.add_argument("--cca-lam", type=_nonneg_float, default=1.0)
+    p.add_argument("--cca-steps", type=_int_up_to(100_000, "steps"), default=80)
+    p.add_argument("--policy", type=Path, action="append", default=[], help="a token policy file to add (repeatable)")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--out-dir", type=Path, default=Path("results/ar_front"))
+    p.set_defaults(func=cmd_ar_front)
 
     p = sub.add_parser("show", help="validate policy files and print a one-line summary of each")
     p.add_argument("policy", nargs="+", type=Path)

@@ -104,6 +104,7 @@ class AGController:
 
 
 def controller_for(policy: Policy):
+    policy.require_axis("steps")
     if policy.kind == "static":
         return StaticController(policy)
     if policy.rule["rule"] == "ag_cosine":

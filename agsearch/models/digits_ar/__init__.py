@@ -68,14 +68,18 @@ class _Block(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        mask, causal = None, cache is None or not cache  # no cache, or a prefix into an empty one
         if cache is not None:
             if cache:  # append to the keys/values of the earlier positions
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+                if T > 1:  # T new positions after S − T cached ones: query j sees keys ≤ S − T + j
+                    S = k.shape[2]
+                    mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             cache[:] = [k, v]
-        # With a cache, new queries (T = 1 after the prefix) see every cached position: not "causal".
-        causal = cache is None or T > 1
+        # A single new query (T = 1) sees every cached position: no mask.
+        causal = causal and T > 1
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=drop)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, C)
         x = x + F.dropout(self.proj(y), drop, self.training)
         return x + F.dropout(self.mlp(self.ln2(x)), drop, self.training)
@@ -104,8 +108,9 @@ class DigitsAR(nn.Module):
         return self.head(self.ln_f(x))
 
     def step(self, inputs: torch.Tensor, pos: int, caches: list[list]) -> torch.Tensor:
-        """Incremental forward: embeddings ``inputs`` (B, 1, C) at position ``pos`` → logits (B, V)."""
-        x = inputs + self.pos_emb[:, pos: pos + 1]
+        """Incremental forward: embeddings ``inputs`` (B, n, C) at positions ``pos`` … ``pos + n − 1``,
+        after the ``pos`` positions in ``caches`` → the logits at the last of them (B, V)."""
+        x = inputs + self.pos_emb[:, pos: pos + inputs.shape[1]]
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache)
         return self.head(self.ln_f(x))[:, -1]

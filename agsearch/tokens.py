@@ -34,7 +34,7 @@ import torch
 
 from agsearch.guidance.ops import cfg
 from agsearch.models.digits.data import NULL_CLASS
-from agsearch.models.digits_ar import SEQ_LEN, DigitsAR, _draw, sample_uniforms
+from agsearch.models.digits_ar import SEQ_LEN, DigitsAR, _draw, check_sampling, sample_uniforms
 from agsearch.policy import Policy, PolicyError
 
 MEASURES = ("kl", "cosine")
@@ -108,10 +108,7 @@ def generate_with_policy(model: DigitsAR, labels: torch.Tensor, seeds: list[int]
     generator per sample, seeded with ``seeds[i]``), so a full-CFG policy draws its tokens.
     """
     policy = check_token_policy(policy)
-    if temperature <= 0:
-        raise ValueError(f"Expected temperature > 0, but got {temperature}")
-    if len(seeds) != len(labels):
-        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
+    check_sampling(labels, seeds, temperature, top_k)
     device = next(model.parameters()).device
     labels = labels.to(device)
     B = len(labels)

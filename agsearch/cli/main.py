@@ -390,9 +390,12 @@ def cmd_ar_front(args) -> int:
         raise UserError(f"--out-dir {args.out_dir} is a file")
     if not 1.0 < args.scale <= 8.0:
         raise UserError(f"--scale must be in (1, 8] (the teacher's CFG scale), got {args.scale:g}")
-    command = "agsearch ar-front " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "agsearch ar-front"
+    import shlex
+
+    argv = sys.argv[2:] if sys.argv[1:2] == ["ar-front"] else []  # as the shapes benchmark records its command
+    command = " ".join(["agsearch", "ar-front", *map(shlex.quote, argv)])
     run_front(args.out_dir, args.samples, args.seed, args.scale, tuple(args.budgets), search_steps=args.search_steps,
-              cca_lam=args.cca_lam, cca_steps=args.cca_steps, device=args.device, command=command.strip(),
+              cca_lam=args.cca_lam, cca_steps=args.cca_steps, device=args.device, command=command,
               extra=extra)
     print(f"wrote {args.out_dir / 'front.md'}, front.json, front.png and policies/")
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from agsearch.eval.bench import save_figure
 from agsearch.io import atomic_write_text
 from agsearch.models.digits.data import NULL_CLASS
 from agsearch.models.digits_ar import SEQ_LEN, DigitsAR, load_model, tokens_to_images
@@ -49,19 +50,6 @@ def sequence_kl(model: DigitsAR, tokens: torch.Tensor, labels: torch.Tensor, sca
     student = (lu + w * (lc - lu)).log_softmax(-1)
     teacher = (lu + teacher_scale * (lc - lu)).log_softmax(-1)
     return (student.exp() * (student - teacher)).sum(-1).sum(-1)
-
-
-def _spearman(x: list[float], y: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
-        return torch.tensor(r)
-
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
 
 
 class FrontEvaluator:
@@ -170,14 +158,7 @@ def plot_front(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    import io as _io
-
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from agsearch.io import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def run_front(out_dir: Path, samples: int = 1000, seed: int = 1, guidance_scale: float = 3.0,
@@ -229,9 +210,11 @@ def run_front(out_dir: Path, samples: int = 1000, seed: int = 1, guidance_scale:
                 searches=searches, cca=dict(lam=cca_lam, steps=cca_steps, seconds=cca_seconds),
                 torch=torch.__version__)
     if len(ranked) >= 3:
+        from scipy.stats import spearmanr  # ties get their mean rank
+
         kl = [r["seq_kl"] for r in ranked]
-        meta["loss_vs_quality"] = dict(n=len(ranked), accuracy=_spearman(kl, [r["accuracy"] for r in ranked]),
-                                       fd=_spearman(kl, [r["fd"] for r in ranked]))
+        meta["loss_vs_quality"] = dict(n=len(ranked), accuracy=float(spearmanr(kl, [r["accuracy"] for r in ranked])[0]),
+                                       fd=float(spearmanr(kl, [r["fd"] for r in ranked])[0]))
     atomic_write_text(out_dir / "front.json", json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     atomic_write_text(out_dir / "front.md", format_front(rows, meta))
     plot_front(rows, out_dir / "front.png")

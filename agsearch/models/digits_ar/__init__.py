@@ -149,6 +149,16 @@ def _draw(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int 
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)
 
 
+def check_sampling(labels: torch.Tensor, seeds: list[int], temperature: float, top_k: int | None) -> None:
+    """ValueError unless the sampling settings are usable: temperature > 0, top_k ≥ 1 or None, a seed per label."""
+    if temperature <= 0:
+        raise ValueError(f"Expected temperature > 0, but got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"Expected top_k >= 1 or None, but got {top_k}")
+    if len(seeds) != len(labels):
+        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
+
+
 @torch.no_grad()
 def generate(model: DigitsAR, labels: torch.Tensor, seeds: list[int], guidance_scale: float = 1.0,
              temperature: float = 1.0, top_k: int | None = None, use_cache: bool = True) -> torch.Tensor:
@@ -157,12 +167,7 @@ def generate(model: DigitsAR, labels: torch.Tensor, seeds: list[int], guidance_s
     CFG on logits, ℓ_u + s (ℓ_c − ℓ_u), with the conditional and unconditional passes in one batch
     (2 forward passes per token); s = 1 runs the conditional pass only (1 per token).
     """
-    if temperature <= 0:
-        raise ValueError(f"Expected temperature > 0, but got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"Expected top_k >= 1 or None, but got {top_k}")
-    if len(seeds) != len(labels):
-        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
+    check_sampling(labels, seeds, temperature, top_k)
     device = next(model.parameters()).device
     labels = labels.to(device)
     u = sample_uniforms(seeds, device)

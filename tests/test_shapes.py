@@ -227,39 +227,40 @@ def test_shapes_benchmark_writes_both_caption_tables_and_the_grid(tmp_path, caps
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_shapes_benchmark_resumes_a_finished_caption_set(tmp_path, capsys, monkeypatch):
-    import agsearch.eval.shapes as shapes_eval
+def test_shapes_benchmark_resumes_from_its_last_checkpoint(tmp_path, capsys, monkeypatch):
+    import agsearch.eval.shapes_bench as shapes_bench
 
-    made, interrupt, original = [], [True], shapes_eval.ShapesEvaluator
+    calls, stop_at = [], [None]  # the suite_records call (groups of policies) at which Ctrl-C comes
+    original = shapes_bench.suite_records
 
-    def evaluator(*args, captions, **kwargs):
-        if isinstance(captions, str):  # a caption set (the sample grid passes its captions)
-            made.append(captions)
-        if captions == "heldout" and interrupt[0]:
-            raise KeyboardInterrupt  # the run stops after the training captions
-        return original(*args, captions=captions, **kwargs)
+    def suite_records(evaluator, suite):
+        calls.append((evaluator.caption_set, len(suite)))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return original(evaluator, suite)
 
-    monkeypatch.setattr(shapes_eval, "ShapesEvaluator", evaluator)
+    monkeypatch.setattr(shapes_bench, "suite_records", suite_records)
+    monkeypatch.setattr(shapes_bench, "CHECKPOINT_POLICIES", 3)
 
-    def bench(out, *extra, samples=4):
+    def bench(out, *extra, samples=4, stop=None):
+        calls.clear()
+        stop_at[0] = stop
         return main([str(a) for a in ["bench", "--model", "shapes", "--quick", "--samples", samples,
                                            "--out-dir", out, "--no-progress", *extra]])
 
-    assert bench(tmp_path / "cut") == 130  # Ctrl-C
-    assert {p.name for p in (tmp_path / "cut").iterdir()} == {"benchmark.train.partial.json"}
-    interrupt[0] = False
-    made.clear()
-    assert bench(tmp_path / "other", "--resume") == 0 and made == ["train", "heldout"]  # nothing to take there
-    made.clear()
-    assert bench(tmp_path / "cut", "--resume", samples=3) == 0 and made == ["train", "heldout"]  # another protocol
-    interrupt[0] = True
-    assert bench(tmp_path / "cut") == 130
-    interrupt[0] = False
-    made.clear()
-    assert bench(tmp_path / "cut", "--resume") == 0 and made == ["heldout"]
+    assert bench(tmp_path / "fresh") == 0
+    groups = list(calls)
+    assert groups[0][0] == "heldout" and groups[-1][0] == "train" and all(n <= 3 for _, n in groups)
+    per_set = sum(n for name, n in groups if name == "heldout")
+    assert bench(tmp_path / "cut", stop=2) == 130  # Ctrl-C in the held-out set's second group
+    partial = json.loads((tmp_path / "cut" / "benchmark.heldout.partial.json").read_text())
+    assert len(partial["records"]) == 3 and partial["cosines"] is not None  # full CFG ran in the first group
+    assert bench(tmp_path / "cut", "--resume", samples=3) == 0 and sum(n for _, n in calls) == 2 * per_set  # another protocol
+    assert bench(tmp_path / "cut", stop=len(groups)) == 130  # Ctrl-C in the training set's last group
+    assert bench(tmp_path / "cut", "--resume") == 0 and calls == groups[-1:]  # only that group runs again
     capsys.readouterr()
     resumed = json.loads((tmp_path / "cut" / "benchmark.json").read_text())["records"]
-    fresh = json.loads((tmp_path / "other" / "benchmark.json").read_text())["records"]
+    fresh = json.loads((tmp_path / "fresh" / "benchmark.json").read_text())["records"]
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(resumed["train"]) == drop(fresh["train"]) and drop(resumed["heldout"]) == drop(fresh["heldout"])
     assert not any(p.name.endswith(".partial.json") for p in (tmp_path / "cut").iterdir())

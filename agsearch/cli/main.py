@@ -545,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", action="append", type=Path, default=[],
                    help="with --merge: add the records of an 'agsearch eval --json' run (same samples, seed, scheduler)")
     p.add_argument("--resume", action="store_true",
-                   help="shapes: take a caption set an interrupted run of the same protocol finished "
-                        "(OUT_DIR/benchmark.SET.partial.json) instead of evaluating it again")
+                   help="shapes: go on from the checkpoint an interrupted run of the same protocol left "
+                        "(OUT_DIR/benchmark.SET.partial.json, written every 8 policies) instead of starting over")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 

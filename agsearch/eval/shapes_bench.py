@@ -37,11 +37,12 @@ from agsearch.eval.records import format_table
 from agsearch.io import atomic_write_text
 from agsearch.policy import Policy
 
-SPLITS = ("train", "heldout")
+SPLITS = ("heldout", "train")  # held-out first: the goals are judged there
 SPLIT_TITLES = {"train": "training captions", "heldout": "held-out captions"}
 GRID_NFE = 35
 BUDGETS = (30, 35, 40, 45)  # the searches' NFE: a cutoff and guidance intervals at each
 INTERVAL_STARTS = (1, 2, 4)  # first guided step of the intervals added at each budget
+CHECKPOINT_POLICIES = 8  # policies per checkpoint of a caption set (--resume goes on from the last one)
 
 
 def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size: int = 500,
@@ -51,9 +52,10 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     """Every baseline (and each policy file, as family ``policy file``) on ``samples`` evaluation
     noises per caption set; writes the tables, JSON and figures; returns the records per set.
 
-    Each finished caption set is kept in ``out_dir/benchmark.<set>.partial.json`` until the tables
-    are written; with ``resume``, a set whose file holds the same protocol (samples, seed, policies)
-    is read from it instead of being evaluated again."""
+    Each caption set is checkpointed in ``out_dir/benchmark.<set>.partial.json`` after every
+    :data:`CHECKPOINT_POLICIES` policies, until the tables are written; with ``resume``, the records
+    a file of the same protocol (samples, seed, policies) holds are taken from it and the run goes
+    on with the policies after them."""
     from agsearch.eval.shapes import ShapesEvaluator
     from agsearch.models.shapes import benchmark_settings, load_pipeline, load_scorer
 
@@ -73,17 +75,20 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
         partial = out_dir / f"benchmark.{split}.partial.json"
         protocol = {"samples": samples, "seed": seed, "captions": split, "settings": settings,
                     "policies": [[family, policy.to_dict()] for family, policy in suite]}
-        kept = _read_partial(partial, protocol) if resume else None
-        if kept is not None:
-            print(f"{SPLIT_TITLES[split]}: reusing {partial} (--resume)", file=sys.stderr)
-            records[split], cosines[split] = kept
-            continue
-        evaluator = ShapesEvaluator(samples=samples, seed=seed, captions=split, scheduler=settings["scheduler"],
-                                    batch_size=batch_size, device=device, progress=progress, pipe=pipe, scorer=scorer)
-        records[split] = suite_records(evaluator, suite)
-        cosines[split] = evaluator.full_cfg_cosines[(steps, scale)]
-        atomic_write_text(partial, json.dumps({"protocol": protocol, "records": records[split],
-                                               "cosines": [c.tolist() for c in cosines[split]]}) + "\n")
+        done, cosine = _read_partial(partial, protocol) if resume else ([], None)
+        if done:
+            print(f"{SPLIT_TITLES[split]}: reusing {len(done)} of {len(suite)} policies from {partial} (--resume)",
+                  file=sys.stderr)
+        if len(done) < len(suite):
+            evaluator = ShapesEvaluator(samples=samples, seed=seed, captions=split, scheduler=settings["scheduler"],
+                                        batch_size=batch_size, device=device, progress=progress, pipe=pipe,
+                                        scorer=scorer)
+        for lo in range(len(done), len(suite), CHECKPOINT_POLICIES):  # a checkpoint after each group of policies
+            done = done + suite_records(evaluator, suite[lo:lo + CHECKPOINT_POLICIES])
+            cosine = cosine if cosine is not None else evaluator.full_cfg_cosines.get((steps, scale))
+            atomic_write_text(partial, json.dumps({"protocol": protocol, "records": done, "cosines": (
+                None if cosine is None else [c.tolist() for c in cosine])}) + "\n")
+        records[split], cosines[split] = done, cosine
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
@@ -129,17 +134,20 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     return records
 
 
-def _read_partial(path: Path, protocol: dict) -> tuple[list[dict], tuple] | None:
-    """(records, cosines) of a caption set an earlier run finished under ``protocol``, or None."""
+def _read_partial(path: Path, protocol: dict) -> tuple[list[dict], tuple | None]:
+    """(records, cosines) an earlier run of ``protocol`` left for a caption set: the records of the
+    suite's first policies (all of them once the set is finished) and full CFG's γ_t (None until
+    its group ran); ([], None) when there is nothing to take."""
     import torch
 
     try:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # absent, or cut short: evaluate again
+        return [], None  # absent, or cut short: evaluate again
     if kept.get("protocol") != json.loads(json.dumps(protocol)):
-        return None
-    return kept["records"], tuple(torch.tensor(c) for c in kept["cosines"])
+        return [], None
+    cosines = kept.get("cosines")
+    return kept["records"], None if cosines is None else tuple(torch.tensor(c) for c in cosines)
 
 
 def budget_baselines(suite, steps: int, scale: float) -> list[tuple[str, Policy]]:

@@ -17,6 +17,12 @@ unconditional pass; its NFE counts forward passes per sample, the unconditional 
 which computes every position up to the last guided one (its key/value cache stays exact: a stream
 that resumes first computes the positions it skipped). Its adaptive rule is ``token_divergence``.
 
+A policy with ``"conditions": 2`` guides an image editor on its two conditions, the input image
+and the text instruction (InstructPix2Pix, arXiv 2211.09800; ``agsearch.guidance.edit``): its ops
+are ``edit`` (3 passes, s_T = ``guidance_scale`` and s_I = ``image_guidance_scale``), ``text``
+(2), ``joint`` (2) and ``cond`` (1), formulas in ``agsearch.guidance.ops``; its adaptive rule is
+``ag_cosine`` on the agreement of both guidance directions.
+
 An ``affine`` step needs the previous step's ε_c and ε_u (true or estimated) when its past
 coefficients are non-zero. Where they are missing — step 0, or after a ``cond`` or ``uncond``
 step — it runs its ``fallback`` (``cond`` or ``cfg``); a static policy whose affine step could
@@ -39,7 +45,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agsearch.guidance.ops import OP_NFE
+from agsearch.guidance.ops import EDIT_OP_NFE, OP_NFE
 from agsearch.io import atomic_write_text, read_text_file
 
 FORMAT = "agsearch.policy"
@@ -110,8 +116,8 @@ def validate(document: Any) -> None:
             }[error.validator]
         elif error.validator == "not" and error.absolute_path and "required" in error.validator_value:
             key = error.validator_value["required"][0]
-            owner = {"scale": "cfg"}.get(key, "affine")
-            message = f"{key!r} is only allowed on {owner!r} steps, not on {_short(error.instance.get('op'))}"
+            owner = {"scale": "'cfg', 'edit', 'text' or 'joint'", "image_scale": "'edit'"}.get(key, "'affine'")
+            message = f"{key!r} is only allowed on {owner} steps, not on {_short(error.instance.get('op'))}"
         elif error.validator == "not":
             other = "rule" if document.get("kind") == "static" else "steps"
             message = f"a {document.get('kind')} policy must not have '{other}'"
@@ -129,7 +135,9 @@ def validate(document: Any) -> None:
             f"{len(steps)} steps listed but num_inference_steps is {document['num_inference_steps']}",
             "/steps",
         )
-    if steps is not None:
+    conditions = document.get("conditions", 1)
+    _check_conditions(document, conditions)
+    if steps is not None and conditions == 1:
         step_costs(steps)  # affine coefficients and fallbacks
     rule = document.get("rule") or {}
     for key in ("thresholds", "scales", "stop_scales"):
@@ -148,9 +156,41 @@ def validate(document: Any) -> None:
     elif rule and rule["rule"] == "token_divergence":
         raise PolicyError("'token_divergence' is a rule over tokens: give the policy \"axis\": \"tokens\"", "/rule/rule")
     if steps is not None and "nfe" in document:
-        expected = token_nfe(steps) if axis == "tokens" else sum(step_costs(steps))
+        expected = token_nfe(steps) if axis == "tokens" else policy_nfe(steps, conditions)
         if document["nfe"] != expected:
             raise PolicyError(f"{_short(document['nfe'])} does not match the steps, which cost {expected}", "/nfe")
+
+
+def _check_conditions(document: dict, conditions: int) -> None:
+    """A two-condition (editing) policy has only two-condition ops and an image scale; a
+    one-condition policy has neither."""
+    steps, rule = document.get("steps") or [], document.get("rule") or {}
+    if conditions == 2:
+        if "image_guidance_scale" not in document:
+            raise PolicyError("a two-condition policy needs 'image_guidance_scale' (s_I)", "")
+        if document.get("axis", "steps") != "steps":
+            raise PolicyError("a two-condition policy runs over a sampler's steps, not tokens", "/axis")
+        for i, step in enumerate(steps):
+            if step["op"] not in EDIT_OP_NFE:
+                raise PolicyError(f"{step['op']!r} is a one-condition op; a two-condition policy runs "
+                                  f"{', '.join(map(repr, EDIT_OP_NFE))}", f"/steps/{i}/op")
+        if rule and rule["rule"] != "ag_cosine":
+            raise PolicyError(f"{rule['rule']!r} is not a two-condition rule; use 'ag_cosine'", "/rule/rule")
+        for key in ("scales", "stop_scales"):
+            if key in rule:
+                raise PolicyError(f"{key!r} is not supported on a two-condition rule", f"/rule/{key}")
+        return
+    if "image_guidance_scale" in document:
+        raise PolicyError("'image_guidance_scale' belongs to a two-condition policy: give it \"conditions\": 2", "")
+    for i, step in enumerate(steps):
+        if step["op"] in ("edit", "text", "joint"):
+            raise PolicyError(f"{step['op']!r} is a two-condition (image editing) op: give the policy "
+                              f"\"conditions\": 2", f"/steps/{i}/op")
+
+
+def policy_nfe(steps: list[dict], conditions: int = 1) -> int:
+    """Denoiser evaluations per sample of a static diffusion policy."""
+    return sum(EDIT_OP_NFE[s["op"]] for s in steps) if conditions == 2 else sum(step_costs(steps))
 
 
 def token_nfe(steps: list[dict]) -> int:
@@ -218,6 +258,8 @@ class Policy:
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     axis: str = "steps"  # "tokens": over an AR model's token positions
+    conditions: int = 1  # 2: an image editor's image and text (ops edit, text, joint, cond)
+    image_guidance_scale: float | None = None  # conditions 2: s_I
 
     def __post_init__(self):
         validate(self._document())
@@ -265,6 +307,8 @@ class Policy:
             provenance=dict(document.get("provenance", {})),
             metrics=dict(document.get("metrics", {})),
             axis=document.get("axis", "steps"),
+            conditions=document.get("conditions", 1),
+            image_guidance_scale=document.get("image_guidance_scale"),
         )
 
     @classmethod
@@ -301,13 +345,18 @@ class Policy:
         doc["kind"] = self.kind
         if self.axis != "steps":
             doc["axis"] = self.axis
+        if self.conditions != 1:
+            doc["conditions"] = self.conditions
         doc.update(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale)
+        if self.image_guidance_scale is not None:
+            doc["image_guidance_scale"] = self.image_guidance_scale
         if self.steps is not None:
             doc["steps"] = self.steps
             try:
-                doc["nfe"] = token_nfe(self.steps) if self.axis == "tokens" else sum(step_costs(self.steps))
+                doc["nfe"] = token_nfe(self.steps) if self.axis == "tokens" else policy_nfe(self.steps, self.conditions)
             except (PolicyError, KeyError, TypeError, AttributeError):  # validate() reports it
-                doc["nfe"] = sum(OP_NFE[s.get("op")] for s in self.steps if isinstance(s, dict) and s.get("op") in OP_NFE)
+                costs = EDIT_OP_NFE if self.conditions == 2 else OP_NFE
+                doc["nfe"] = sum(costs[s.get("op")] for s in self.steps if isinstance(s, dict) and s.get("op") in costs)
         if self.rule is not None:
             doc["rule"] = self.rule
         doc["provenance"] = self.provenance
@@ -339,11 +388,11 @@ class Policy:
         """Denoiser evaluations per sample; ``None`` for an adaptive policy (it varies per sample)."""
         if self.kind != "static":
             return None
-        return token_nfe(self.steps) if self.axis == "tokens" else sum(step_costs(self.steps))
+        return token_nfe(self.steps) if self.axis == "tokens" else policy_nfe(self.steps, self.conditions)
 
     @property
     def max_nfe(self) -> int:
-        return self.nfe if self.nfe is not None else 2 * self.num_inference_steps
+        return self.nfe if self.nfe is not None else (self.conditions + 1) * self.num_inference_steps
 
     def scale_at(self, i: int) -> float:
         """The guidance scale of a ``cfg`` step ``i`` (of a guided step ``i`` of an adaptive rule)."""
@@ -352,6 +401,22 @@ class Policy:
         if self.rule and "scales" in self.rule:
             return float(self.rule["scales"][i])
         return float(self.guidance_scale)
+
+    def image_scale_at(self, i: int) -> float:
+        """A two-condition policy's image scale s_I at an ``edit`` step ``i`` (at every guided step of
+        its adaptive rule)."""
+        if self.steps:
+            return float(self.steps[i].get("image_scale", self.image_guidance_scale))
+        return float(self.image_guidance_scale)
+
+    def require_conditions(self, conditions: int, what: str) -> "Policy":
+        """This policy, if it guides on ``conditions`` conditions (1: text or class; 2: an image
+        editor's image and text); :class:`PolicyError` naming ``what`` runs it otherwise."""
+        if self.conditions != conditions:
+            have = "a two-condition (image editing) policy" if self.conditions == 2 else "a one-condition policy"
+            need = "two conditions (\"conditions\": 2)" if conditions == 2 else "one condition"
+            raise PolicyError(f"{have} cannot run on {what}, which guides on {need}", "/conditions")
+        return self
 
     def stop_scale_at(self, i: int) -> float:
         """An adaptive rule's scale at step ``i`` for a sample that stops guiding there (its γ
@@ -367,8 +432,10 @@ class Policy:
         return float(self.rule["threshold"])
 
     def ops_string(self) -> str:
-        """One letter per step: C = cfg, c = cond, u = uncond, A = affine ("" for an adaptive policy)."""
-        return "".join({"cfg": "C", "cond": "c", "uncond": "u", "affine": "A"}[s["op"]] for s in self.steps or [])
+        """One letter per step: C = cfg, c = cond, u = uncond, A = affine; E = edit, T = text, J = joint
+        ("" for an adaptive policy)."""
+        letters = {"cfg": "C", "cond": "c", "uncond": "u", "affine": "A", "edit": "E", "text": "T", "joint": "J"}
+        return "".join(letters[s["op"]] for s in self.steps or [])
 
     def label(self) -> str:
         if self.name:
@@ -399,7 +466,8 @@ class Policy:
             if rule and key in rule:
                 rule[key] = remap(rule[key])
         return Policy(self.kind, num_inference_steps, self.guidance_scale, steps=steps, rule=rule, name=self.name,
-                      provenance=provenance, metrics={}, axis=self.axis)
+                      provenance=provenance, metrics={}, axis=self.axis, conditions=self.conditions,
+                      image_guidance_scale=self.image_guidance_scale)
 
     def require_axis(self, axis: str) -> "Policy":
         """This policy, if it is over ``axis`` ("steps": a diffusion sampler; "tokens": an AR

@@ -61,6 +61,24 @@ def tiny_sd(seed: int = 0, prediction_type: str = "epsilon", tokenizer=True):
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
 
 
+def tiny_instruct_pix2pix(seed: int = 0):
+    """A tiny StableDiffusionInstructPix2PixPipeline: the UNet takes the noisy latent and the input
+    image's latent on channels (8 in, 4 out), Euler scheduler (the pipeline's usual one)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=2, attention_head_dim=2)
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                steps_offset=1)
+    return _quiet(StableDiffusionInstructPix2PixPipeline(
+        vae=_tiny_vae(), text_encoder=CLIPTextModel(_clip_config()), tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+
+
 def tiny_sdxl(seed: int = 0):
     """A tiny StableDiffusionXLPipeline (two CLIP text encoders, text-time conditioning), Euler."""
     from diffusers import (

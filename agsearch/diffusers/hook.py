@@ -12,12 +12,15 @@ LinearAG's affine steps, or the adaptive rule):
   through :class:`agsearch.guidance.controllers.AGController`: CFG while γ_t = cos(x̂0_c, x̂0_u) < γ̄,
   then ``cond`` for that sample's remaining steps.
 
-Diffusers pipelines do CFG in one of two patterns, and one mechanism serves both:
+Diffusers pipelines do CFG in one of three patterns, and one mechanism serves them all:
 
 * **batched** (SD, SDXL, SD3, PixArt-α/Σ, Sana): one denoiser call per step on
   ``[unconditional rows; conditional rows]``. The hook runs only the rows some sample needs (the
   batch really shrinks) and hands back each sample's output in both halves, so the pipeline's own
   ``ε_u + W (ε_c − ε_u)`` returns it unchanged whatever its scale W;
+* **three-way** (InstructPix2Pix, which guides on the input image and the instruction; a policy
+  with ``"conditions": 2``): one call on ``[ε(image, text); ε(image, ∅); ε(∅, ∅)]`` thirds, handled
+  like the batched pattern by :class:`agsearch.diffusers.edit_hook.EditRunner`;
 * **two calls** (Wan 2.1/2.2, Flux with ``true_cfg_scale``, Qwen-Image): the conditional call, then
   the unconditional one. The hook answers the first with ε_c; at the second it runs only the rows
   that need it (none on a ``cond`` step) and writes each sample's output into the tensor it
@@ -60,7 +63,8 @@ class Family:
 
     classes: diffusers pipeline class names.
     denoisers: the attributes that hold the denoiser(s), in the order the pipeline may use them.
-    pattern: ``batched`` (one call on [uncond; cond] halves) or ``two_calls`` (cond call, then uncond).
+    pattern: ``batched`` (one call on [uncond; cond] halves), ``two_calls`` (cond call, then uncond) or
+        ``three_way`` (an editor: one call on [image+text; image; neither] thirds).
     parameterisation: ``flow``, or None for the scheduler's ``prediction_type``.
     rescale: the pipeline's rescaling of a guided prediction: ``std`` (``guidance_rescale``, Lin et al.
         2023, arXiv 2305.08891) or ``norm`` (Qwen-Image: the guided prediction takes ε_c's norm per token).
@@ -89,6 +93,7 @@ FAMILIES = (
     Family(("WanPipeline",), ("transformer", "transformer_2"), "two_calls", "flow"),
     Family(("FluxPipeline",), ("transformer",), "two_calls", "flow"),
     Family(("QwenImagePipeline",), ("transformer",), "two_calls", "flow", rescale="norm"),
+    Family(("StableDiffusionInstructPix2PixPipeline",), ("unet",), "three_way"),
 )
 SUPPORTED = tuple(name for family in FAMILIES for name in family.classes)
 ENABLE_UNCOND = {"batched": "pass guidance_scale > 1",
@@ -177,6 +182,7 @@ class PolicyRunner:
             raise ValueError(f"{type(pipe).__name__} has no denoiser ({' or '.join(self.family.denoisers)})")
         self.parameterisation = self.family.parameterisation or pipe.scheduler.config.get("prediction_type", "epsilon")
         self.policy = policy if isinstance(policy, Policy) else Policy.load(policy)
+        self.policy.require_conditions(2 if self.family.pattern == "three_way" else 1, type(pipe).__name__)
         if self.family.pattern == "two_calls" and any(step["op"] == "uncond" for step in self.policy.steps or []):
             raise ValueError(f"uncond steps cannot run in {type(pipe).__name__}, which makes the conditional call "
                              "first; use cfg or cond there")
@@ -483,7 +489,12 @@ def apply_policy(pipe, policy: Policy | str | Path, resample: bool = False):
     unless ``resample`` (steps are then mapped by position, :meth:`Policy.resample`). Yields the
     :class:`PolicyRunner`, whose ``nfe`` reports the last call's denoiser evaluations per image.
     """
-    runner = PolicyRunner(pipe, policy, resample)
+    if family_of(pipe).pattern == "three_way":
+        from agsearch.diffusers.edit_hook import EditRunner
+
+        runner = EditRunner(pipe, policy, resample)
+    else:
+        runner = PolicyRunner(pipe, policy, resample)
     runner.install()
     try:
         yield runner

@@ -46,6 +46,7 @@ class StepStats:
     cosine_x0: torch.Tensor  # (B,) NaN where not both
     cosine_eps: torch.Tensor  # (B,)
     scheduler: object = None  # the trajectory's scheduler, before this step (read-only; copy it to resume)
+    out_image: torch.Tensor | None = None  # two-condition guidance: ε(image, ∅); out_c is ε(image, text), out_u ε(∅, ∅)
 
 
 class StaticController:
@@ -70,6 +71,9 @@ class AGController:
     ``agsearch.search.thresholds``); a guided step runs CFG at the rule's per-step scale if it has one,
     and the step at which a sample stops (both passes ran there) at the rule's stop scale if it has
     one: the plan's third op, which ``observe`` gives the weight of the samples that crossed.
+
+    A two-condition policy (image editing) guides with ``edit`` until γ_t, the agreement of both
+    guidance directions (:func:`agsearch.guidance.ops.edit_agreement`), reaches θ_t.
     """
 
     def __init__(self, policy: Policy):
@@ -78,6 +82,7 @@ class AGController:
         self.scales = [policy.scale_at(i) for i in range(T)]
         self.stop_scales = [policy.stop_scale_at(i) for i in range(T)]
         self.space = policy.rule.get("space", "x0")
+        self.guided_op = {"op": "edit"} if policy.conditions == 2 else None  # else cfg at the step's scale
         self.guiding: torch.Tensor | None = None  # (B,) bool
         self._plan: StepPlan | None = None
 
@@ -85,7 +90,7 @@ class AGController:
         if self.guiding is None:
             self.guiding = torch.ones(batch, dtype=torch.bool, device=device)
         g = self.guiding.float()
-        ops = [{"op": "cfg", "scale": self.scales[i]}, {"op": "cond"}]
+        ops = [self.guided_op or {"op": "cfg", "scale": self.scales[i]}, {"op": "cond"}]
         weights = [g, 1 - g]
         if self.stop_scales[i] != self.scales[i]:
             ops.append({"op": "cfg", "scale": self.stop_scales[i]})

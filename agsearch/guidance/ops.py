@@ -12,6 +12,19 @@ Also here: the scale inversion a pipeline hook needs (:func:`uncond_for_scale`),
 (:func:`stops`; Castillo et al., AAAI 2025, arXiv 2312.12487). The sampler, the diffusers hook, the
 modular-pipeline guider and the adaptive search call these; none writes a formula of its own.
 Adding an op is one edit here: ``OP_NFE``, :func:`op_passes`, :func:`op_output`.
+
+Two-condition guidance (image editing, InstructPix2Pix: Brooks et al., CVPR 2023, arXiv 2211.09800)
+has three passes, ε_IT = ε(image, text), ε_I = ε(image, ∅) and ε_∅ = ε(∅, ∅), and its own ops
+(:data:`EDIT_OP_NFE`, :func:`edit_op_passes`, :func:`edit_output`):
+
+    op      output                                         passes            NFE
+    edit    ε_∅ + s_T (ε_IT − ε_I) + s_I (ε_I − ε_∅)        IT, I, ∅          3
+    text    ε_I + s_T (ε_IT − ε_I)    (edit at s_I = 1)     IT, I             2
+    joint   ε_∅ + s (ε_IT − ε_∅)      (edit at s_T = s_I)   IT, ∅             2
+    cond    ε_IT                                           IT                1
+
+Image guidance alone at full text conditioning would need ε(∅, text), which no editor computes;
+``joint`` is the cheap combination that keeps an image term.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ from agsearch.linear_ag import estimate_uncond, needs_past
 
 OP_NFE = {"cfg": 2, "cond": 1, "uncond": 1, "affine": 1}  # affine: 2 where it falls back to cfg
 PARAMETERISATIONS = ("epsilon", "v_prediction", "flow")
+EDIT_OP_NFE = {"edit": 3, "text": 2, "joint": 2, "cond": 1}  # two-condition guidance (editing)
+EDIT_PASSES = ("full", "image", "none")  # ε(image, text), ε(image, ∅), ε(∅, ∅)
 
 
 
@@ -58,6 +73,32 @@ def op_output(op: dict, out_c: torch.Tensor, out_u: torch.Tensor, default_scale:
     if name == "affine":
         raise ValueError("an affine op needs the past estimates: use affine_output")
     raise ValueError(f"unknown guidance op {name!r}")
+
+
+def edit_op_passes(op: dict) -> tuple[bool, bool, bool]:
+    """Which of the three passes (:data:`EDIT_PASSES`) a two-condition op needs."""
+    name = op["op"]
+    if name not in EDIT_OP_NFE:
+        raise ValueError(f"unknown two-condition guidance op {name!r}; expected one of {', '.join(EDIT_OP_NFE)}")
+    return True, name in ("edit", "text"), name in ("edit", "joint")
+
+
+def edit_output(op: dict, e_full: torch.Tensor, e_image: torch.Tensor, e_none: torch.Tensor, scale,
+                image_scale) -> torch.Tensor:
+    """The output of a two-condition op; ``scale`` (s_T) and ``image_scale`` (s_I) are the policy's,
+    which the op's own ``scale`` / ``image_scale`` override. ``edit`` is summed in the order
+    diffusers' InstructPix2Pix pipeline sums it, so a full-guidance policy reproduces it bit for bit."""
+    name = op["op"]
+    s_t, s_i = op.get("scale", scale), op.get("image_scale", image_scale)
+    if name == "edit":
+        return e_none + s_t * (e_full - e_image) + s_i * (e_image - e_none)
+    if name == "text":
+        return e_image + s_t * (e_full - e_image)
+    if name == "joint":
+        return e_none + op.get("scale", image_scale) * (e_full - e_none)
+    if name == "cond":
+        return e_full
+    raise ValueError(f"unknown two-condition guidance op {name!r}; expected one of {', '.join(EDIT_OP_NFE)}")
 
 
 @dataclass
@@ -129,6 +170,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample cosine of two batches (B, ...): the agreement γ of the conditional and
     unconditional predictions."""
     return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12)
+
+
+def edit_agreement(full: torch.Tensor, image: torch.Tensor, none: torch.Tensor) -> torch.Tensor:
+    """γ of two-condition guidance, per sample: min(cos(full, image), cos(image, none)), the
+    agreement of the text direction's and of the image direction's two ends. Each guidance term
+    vanishes only when its own pair agrees, so the rule stops guiding only once both are small; the
+    outer pair's cosine (full against none) mixes the two, so a large term can hide a small one."""
+    return torch.minimum(cosine(full, image), cosine(image, none))
 
 
 def stops(gamma: torch.Tensor, threshold) -> torch.Tensor:

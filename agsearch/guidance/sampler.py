@@ -111,7 +111,7 @@ def sample(
     if controller is None:
         if policy is None:
             raise ValueError("sample() needs a policy or a controller")
-        controller = controller_for(policy)
+        controller = controller_for(policy.require_conditions(1, "this sampler (use agsearch.guidance.edit.sample_edit)"))
     num_steps = policy.num_inference_steps if policy is not None else controller.num_inference_steps
     # A `cfg` op without its own scale runs at the policy's (or the controller's) guidance scale.
     if policy is None and not hasattr(controller, "guidance_scale"):

@@ -175,3 +175,59 @@ def test_sample_edit_matches_the_pipeline_under_the_same_policy(images):
         assert out.nfe.tolist() == runner.nfe.tolist() and denoiser.evaluations == runner.forward_rows
     with pytest.raises(PolicyError, match="two-condition"):
         sample(denoiser, scheduler, edit_policy(["edit"] * 4), noise, cond)
+
+
+# -- agsearch generate on an editing pipeline ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def edit_folder(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("edit")
+    tiny_instruct_pix2pix().save_pretrained(root / "ip2p")
+    edit_policy(["edit", "edit", "text", "cond"]).save(root / "policy.json")
+    Policy.static(["cfg"] * 4, S_T).save(root / "t2i.json")
+    Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(root / "input.png")
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def run_cli(capsys, *argv):
+    from agsearch.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_edits_an_input_image_and_reports_nfe(edit_folder, tmp_path, capsys):
+    out, report = tmp_path / "edit.png", tmp_path / "r.json"
+    code, stdout, err = run_cli(capsys, "generate", "--pipeline", edit_folder / "ip2p", "--policy",
+                                edit_folder / "policy.json", "--image", edit_folder / "input.png",
+                                "--prompt", "make the circle blue", "--json", report, "--out", out)
+    assert code == 0, err
+    assert "EETc: NFE 9 per image of 12 for full two-condition guidance (75%)" in stdout and "PSNR" in stdout
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+    r = json.loads(report.read_text())
+    assert r["nfe_per_image"] == [9.0] and r["image_guidance_scale"] == S_I and r["mse_vs_full_cfg"][0] > 0
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("no-image", "--image is required"),
+    ("unreadable", "broken.png: not a readable image"),
+    ("missing-image", "no such image file"),
+    ("one-condition", "a one-condition policy cannot run on StableDiffusionInstructPix2PixPipeline"),
+    ("height", "--height and --width do not apply"),
+])
+def test_generate_bad_edit_input_is_one_line_and_writes_nothing(edit_folder, tmp_path, capsys, case, fragment):
+    extra = {"no-image": [], "unreadable": ["--image", edit_folder / "broken.png"],
+             "missing-image": ["--image", tmp_path / "nope.png"]}.get(case, ["--image", edit_folder / "input.png"])
+    policy = edit_folder / ("t2i.json" if case == "one-condition" else "policy.json")
+    if case == "height":
+        extra += ["--height", 32]
+    out = tmp_path / "edit.png"
+    code, _, err = run_cli(capsys, "generate", "--pipeline", edit_folder / "ip2p", "--policy", policy, *extra,
+                           "--prompt", "remove the cross", "--out", out)
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

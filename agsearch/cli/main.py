@@ -403,12 +403,14 @@ def cmd_ar_front(args) -> int:
 
 def cmd_generate(args) -> int:
     from agsearch.diffusers.generate import (
+        EDITING,
         VIDEO,
         Prompt,
         generate,
         load_pipeline,
         output_paths,
         pipeline_class,
+        read_image,
         read_prompts,
         write_images,
     )
@@ -416,7 +418,15 @@ def cmd_generate(args) -> int:
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise UserError("give exactly one of --prompt and --prompt-file")
-    video = pipeline_class(args.pipeline) in VIDEO
+    name = pipeline_class(args.pipeline)
+    video = name in VIDEO
+    if (name in EDITING) != (args.image is not None):
+        raise UserError(f"--image is {'required' if name in EDITING else 'only for editing pipelines'}: "
+                        f"{name} {'edits an input image' if name in EDITING else 'takes no input image'}")
+    if args.image_scale is not None and name not in EDITING:
+        raise UserError("--image-scale is for editing pipelines (InstructPix2Pix)")
+    if name in EDITING and (args.height is not None or args.width is not None):
+        raise UserError("--height and --width do not apply to an editing pipeline: the edit has the input image's size")
     suffix = ".gif" if video else ".png"
     if args.out.suffix.lower() != suffix:
         raise UserError(f"--out must be a {suffix} file for this {'video' if video else 'image'} pipeline, got {args.out}")
@@ -438,6 +448,10 @@ def cmd_generate(args) -> int:
     policy = Policy.load(args.policy)
     if args.scale is not None:  # the scale of full CFG and of cfg steps without their own
         policy = Policy.from_dict({**policy.to_dict(), "guidance_scale": args.scale}, str(args.policy))
+    if args.image_scale is not None:
+        policy = Policy.from_dict({**policy.to_dict(), "image_guidance_scale": args.image_scale}, str(args.policy))
+    policy.require_conditions(2 if name in EDITING else 1, name)
+    image = read_image(args.image) if args.image is not None else None
     policy.for_steps(args.steps or policy.num_inference_steps, args.resample)  # before loading the model
     if args.clip_weights is not None:
         from agsearch.eval.clip import check_clip_files
@@ -445,7 +459,8 @@ def cmd_generate(args) -> int:
         check_clip_files(args.clip_model, args.clip_weights)  # a ValueError: one line, exit 2
     pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
     result = generate(pipe, policy, prompts, seed=args.seed, steps=args.steps, resample=args.resample,
-                      reference=not args.no_reference, height=args.height, width=args.width, frames=args.frames)
+                      reference=not args.no_reference, height=args.height, width=args.width, frames=args.frames,
+                      image=image)
     r = result["report"]
     if args.clip_weights is not None:
         from agsearch.eval.clip import ClipScorer
@@ -457,7 +472,8 @@ def cmd_generate(args) -> int:
             r["full_cfg_clip_score"] = scorer.score(result["full_cfg_images"], texts).tolist()
     paths = write_images(result["images"], args.out)
     nfe = sum(r["nfe_per_image"]) / len(r["nfe_per_image"])
-    line = (f"{r['policy']}: NFE {nfe:g} per image of {r['full_cfg_nfe']} for full CFG "
+    line = (f"{r['policy']}: NFE {nfe:g} per image of {r['full_cfg_nfe']} for full "
+            f"{'two-condition guidance' if name in EDITING else 'CFG'} "
             f"({nfe / r['full_cfg_nfe']:.0%}), {r['seconds']:.2f}s")
     if "speedup" in r:
         mean_psnr = sum(r["psnr_vs_full_cfg"]) / len(r["psnr_vs_full_cfg"])
@@ -611,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompt-file", type=Path, help="prompts: one per line, or JSONL with prompt/negative_prompt")
     p.add_argument("--negative-prompt", help="negative prompt (used on CFG steps only)")
+    p.add_argument("--image", type=Path, help="editing pipelines (InstructPix2Pix): the input image to edit "
+                                               "by each prompt (an instruction)")
+    p.add_argument("--image-scale", type=_scale, help="editing pipelines: the image guidance scale s_I "
+                                                       "(default: the policy's)")
     p.add_argument("--seed", type=_seed, default=0, help="image i uses seed + i")
     p.add_argument("--steps", type=_steps, help="sampling steps (default: the policy's)")
     p.add_argument("--scale", type=_scale, help="guidance scale (default: the policy's)")

@@ -5,7 +5,9 @@ under the policy with :func:`agsearch.diffusers.hook.apply_policy`, then — unl
 same prompt(s) and noise under full CFG, and reports NFE and wall time of both and the policy's
 pixel MSE/PSNR against the full-CFG image (images in [0, 1]; PSNR = 10 log10(1 / MSE)).
 Prompt files hold one prompt per line, or JSON Lines ``{"prompt": ..., "negative_prompt": ...}``.
-Video pipelines (Wan) write an animated GIF per prompt.
+Video pipelines (Wan) write an animated GIF per prompt. An editing pipeline (InstructPix2Pix) edits
+an input image (:func:`read_image`) by each instruction under a two-condition policy; its reference is
+full two-condition guidance.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from agsearch.policy import Policy
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRUE_CFG = ("FluxPipeline", "QwenImagePipeline")  # guided by true_cfg_scale and a negative prompt
 VIDEO = ("WanPipeline",)
+EDITING = ("StableDiffusionInstructPix2PixPipeline",)  # an input image and an instruction
 BINNED = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline")  # sizes rounded to trained aspect bins
 
 
@@ -65,6 +68,23 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             raise ValueError(f"{path}:{n}: unknown field(s) {sorted(unknown)}")
         prompts.append(Prompt(record["prompt"], negative))
     return prompts
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An input image file as (3, H, W) in [0, 1] (RGB; any format PIL reads); ``ValueError`` with
+    one line if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            array = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+            width, height = image.size
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
+    return array.view(height, width, 3).permute(2, 0, 1).float() / 255
 
 
 def pipeline_class(folder: str | Path) -> str:
@@ -137,10 +157,12 @@ def png_bytes(image: torch.Tensor) -> bytes:
 
 def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, steps: int | None = None,
              resample: bool = False, reference: bool = True, height: int | None = None,
-             width: int | None = None, warmup: bool = True, frames: int | None = None) -> dict:
+             width: int | None = None, warmup: bool = True, frames: int | None = None,
+             image: torch.Tensor | None = None) -> dict:
     """Sample ``prompts`` (image i from seed ``seed + i``) under ``policy`` and, if ``reference``,
     under full CFG from the same noise. Returns the images (N, 3, H, W) in [0, 1] (a video
-    pipeline: (N, F, 3, H, W), ``frames`` frames) and a report."""
+    pipeline: (N, F, 3, H, W), ``frames`` frames) and a report. An editing pipeline edits ``image``
+    (3, H, W) in [0, 1] by each prompt (an instruction)."""
     steps = steps or policy.num_inference_steps
     policy = policy.for_steps(steps, resample)  # refused here, before any sampling
     device = pipe.device
@@ -155,10 +177,21 @@ def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, step
         kwargs["use_resolution_binning"] = False  # a size given is the size made
     if frames is not None:
         kwargs["num_frames"] = frames
+    if name in EDITING:
+        if image is None:
+            raise ValueError(f"{name} edits an input image: give one")
+        kwargs.update(image=image.expand(len(prompts), -1, -1, -1).to(device),
+                      image_guidance_scale=policy.image_guidance_scale)
+        del kwargs["height"], kwargs["width"]  # the input image's size
+    elif image is not None:
+        raise ValueError(f"{name} is not an editing pipeline: it takes no input image")
 
     if warmup:  # the first calls of a process at each batch shape pay one-time setup costs
-        ops = [policy.steps[0], policy.steps[-1]] if policy.steps else ["cfg", "cond"]
-        with torch.inference_mode(), apply_policy(pipe, Policy.static(ops, policy.guidance_scale)):
+        ops = [policy.steps[0], policy.steps[-1]] if policy.steps else (["edit", "cond"] if policy.conditions == 2
+                                                                         else ["cfg", "cond"])
+        warm = Policy.static(ops, policy.guidance_scale, conditions=policy.conditions,
+                             image_guidance_scale=policy.image_guidance_scale)
+        with torch.inference_mode(), apply_policy(pipe, warm):
             pipe(**{**kwargs, "num_inference_steps": 2})
 
     def call(**extra):
@@ -174,7 +207,9 @@ def generate(pipe, policy: Policy, prompts: list[Prompt], *, seed: int = 0, step
     with apply_policy(pipe, policy) as runner:
         images, seconds = call()
     report = {"policy": policy.label(), "steps": steps, "guidance_scale": policy.guidance_scale,
-              "nfe_per_image": runner.nfe.tolist(), "full_cfg_nfe": 2 * steps, "seconds": seconds}
+              "nfe_per_image": runner.nfe.tolist(), "full_cfg_nfe": (policy.conditions + 1) * steps, "seconds": seconds}
+    if policy.conditions == 2:
+        report["image_guidance_scale"] = policy.image_guidance_scale
     full = None
     if reference:
         full, full_seconds = call()

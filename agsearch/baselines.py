@@ -14,6 +14,12 @@
                  steps), ``cond`` over the rest
                  (or, given a static policy ``base``: that policy with its ``cond`` steps affine)
     affine-cutoff  CFG for the first round(F·T) steps, then ``affine`` to the end
+
+With ``image_scale`` (s_I) a baseline is a two-condition policy for an image editor
+(InstructPix2Pix; ``"conditions": 2``): each ``cfg`` step above is full two-condition guidance
+(``edit``, 3 NFE) and ``ag`` watches both guidance directions; one more baseline applies there:
+
+    image-cutoff  ``edit`` for the first round(F·T) steps, then ``text`` (text guidance only, 2 NFE)
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import math
 
 from agsearch.policy import Policy
 
-BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag", "linear-ag", "affine-cutoff")
+BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag", "linear-ag", "affine-cutoff", "image-cutoff")
+EDIT_BASELINES = ("cfg", "cond", "cutoff", "interval", "alternating", "ag", "image-cutoff")  # with image_scale
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -47,14 +54,31 @@ def interval_ops(steps: int, start: float, stop: float) -> list[str]:
 def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None = None,
                   start: float | None = None, stop: float | None = None,
                   threshold: float | None = None, space: str = "x0", affine: dict | None = None,
-                  base: Policy | None = None) -> Policy:
+                  base: Policy | None = None, image_scale: float | None = None) -> Policy:
     """The named baseline policy for ``steps`` sampling steps at guidance scale ``scale``;
-    ``linear-ag`` needs ``affine``, a coefficients file's contents (``agsearch.linear_ag``)."""
+    ``linear-ag`` needs ``affine``, a coefficients file's contents (``agsearch.linear_ag``). With
+    ``image_scale``, the two-condition (editing) baseline at text scale ``scale`` and image scale
+    ``image_scale`` (:data:`EDIT_BASELINES`)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Expected steps to be a positive integer, but got {steps}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
         raise ValueError(f"Expected scale to be a finite number >= 0, but got {scale}")
     options: dict = {}
+    if image_scale is not None:
+        if not (isinstance(image_scale, (int, float)) and math.isfinite(image_scale) and image_scale >= 0):
+            raise ValueError(f"Expected the image scale to be a finite number >= 0, but got {image_scale}")
+        if name not in EDIT_BASELINES:
+            raise ValueError(f"{name!r} is not a two-condition (editing) baseline; expected one of "
+                             f"{', '.join(EDIT_BASELINES)}")
+        edit = {"image_guidance_scale": image_scale, "conditions": 2}
+    elif name == "image-cutoff":
+        raise ValueError("image-cutoff is a two-condition (editing) baseline: give an image guidance scale")
+    if name == "image-cutoff":
+        if fraction is None:
+            raise ValueError("image-cutoff needs --fraction F (full guidance for the first round(F*T) steps, then text)")
+        k = cutoff_ops(steps, fraction).count("cfg")
+        return Policy.static(["edit"] * k + ["text"] * (steps - k), scale, name=f"image-cutoff-{k}/{steps}",
+                             provenance={"baseline": name, "options": {"fraction": fraction}}, **edit)
     if name == "cfg":
         ops, label = ["cfg"] * steps, "cfg"
     elif name == "cond":
@@ -80,7 +104,8 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and -1 <= threshold <= 1):
             raise ValueError(f"Expected threshold to be between -1.0 and 1.0, but got {threshold}")
         return Policy.adaptive(steps, scale, threshold, space, name=f"ag-{space}-{threshold:g}",
-                               provenance={"baseline": "ag", "options": {"threshold": threshold, "space": space}})
+                               provenance={"baseline": "ag", "options": {"threshold": threshold, "space": space}},
+                               **(edit if image_scale is not None else {}))
     elif name in ("linear-ag", "affine-cutoff"):
         from agsearch.linear_ag import (
             affine_cutoff_ops,
@@ -114,4 +139,7 @@ def make_baseline(name: str, steps: int, scale: float, *, fraction: float | None
                    "affine": {k: affine[k] for k in ("model", "per_channel", "ridge", "pairs") if k in affine}}
     else:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+    if image_scale is not None:
+        return Policy.static(["edit" if op == "cfg" else op for op in ops], scale, name=label,
+                             provenance={"baseline": name, "options": options}, **edit)
     return Policy.static(ops, scale, name=label, provenance={"baseline": name, "options": options})

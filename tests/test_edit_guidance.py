@@ -231,3 +231,18 @@ def test_generate_bad_edit_input_is_one_line_and_writes_nothing(edit_folder, tmp
                            "--prompt", "remove the cross", "--out", out)
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_editing_baselines_guide_with_edit_and_count_three_passes(tmp_path, capsys):
+    from agsearch.baselines import make_baseline
+
+    assert make_baseline("cutoff", 10, S_T, fraction=0.4, image_scale=S_I).ops_string() == "EEEEcccccc"
+    assert make_baseline("image-cutoff", 10, S_T, fraction=0.4, image_scale=S_I).nfe == 4 * 3 + 6 * 2
+    ag = make_baseline("ag", 10, S_T, threshold=0.99, image_scale=S_I)
+    assert ag.conditions == 2 and ag.max_nfe == 30
+    code, stdout, _ = run_cli(capsys, "baseline", "interval", "--image-scale", S_I, "--scale", S_T, "--steps", 10,
+                              "--start", 0.2, "--stop", 0.6, "--out", tmp_path / "i.json")
+    assert code == 0 and "NFE 18 of 30" in stdout and Policy.load(tmp_path / "i.json").ops_string() == "ccEEEEcccc"
+    for argv in (["linear-ag", "--image-scale", S_I], ["image-cutoff", "--fraction", 0.5]):
+        code, _, err = run_cli(capsys, "baseline", *argv, "--out", tmp_path / "bad.json")
+        assert code == 2 and "two-condition" in err and not (tmp_path / "bad.json").exists()

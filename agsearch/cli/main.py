@@ -190,11 +190,12 @@ def cmd_baseline(args) -> int:
             raise UserError(f"--from is an option of linear-ag, not of {args.name}")
         base = Policy.load(args.base)
     policy = make_baseline(args.name, steps, scale, fraction=args.fraction, start=args.start,
-                           stop=args.stop, threshold=threshold, space=args.space, affine=affine, base=base)
+                           stop=args.stop, threshold=threshold, space=args.space, affine=affine, base=base,
+                           image_scale=args.image_scale)
     policy.provenance.setdefault("model", f"agsearch-{args.model}")
     policy.save(args.out)
     nfe = policy.nfe if policy.nfe is not None else f"adaptive, at most {policy.max_nfe}"
-    print(f"wrote {args.out} ({policy.label()}, NFE {nfe} of {2 * steps})")
+    print(f"wrote {args.out} ({policy.label()}, NFE {nfe} of {(policy.conditions + 1) * steps})")
     return 0
 
 
@@ -498,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="write a named training-free baseline policy",
                        description="Write a training-free baseline policy file. --steps and --scale "
                                    "default to the built-in model's benchmark settings.")
-    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag | linear-ag | affine-cutoff")
+    p.add_argument("name", metavar="NAME", help="cfg | cond | cutoff | interval | alternating | ag | linear-ag | "
+                                               "affine-cutoff | image-cutoff (editing)")
+    p.add_argument("--image-scale", type=_scale, help="an image editor's image guidance scale s_I: writes the "
+                                                       "two-condition (InstructPix2Pix) baseline, cfg steps as full "
+                                                       "two-condition guidance")
     p.add_argument("--steps", type=_steps, help="sampling steps T")
     p.add_argument("--scale", type=_scale, help="guidance scale w")
     p.add_argument("--fraction", type=_finite_float, help="cutoff, affine-cutoff: CFG for the first round(F*T) steps; "

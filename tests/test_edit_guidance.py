@@ -173,8 +173,15 @@ def test_sample_edit_matches_the_pipeline_under_the_same_policy(images):
         out = sample_edit(denoiser, scheduler, policy, noise, cond)
         assert torch.allclose(out.samples, expected, atol=1e-5)
         assert out.nfe.tolist() == runner.nfe.tolist() and denoiser.evaluations == runner.forward_rows
-    with pytest.raises(PolicyError, match="two-condition"):
-        sample(denoiser, scheduler, edit_policy(["edit"] * 4), noise, cond)
+    policy = edit_policy(["edit", "cond", "joint", "text"])
+    assert torch.equal(sample(denoiser, scheduler, policy, noise, cond).samples,  # the one entry point
+                       sample_edit(denoiser, scheduler, policy, noise, cond).samples)
+    with pytest.raises(PolicyError, match="one-condition policy cannot run on an image editor"):
+        sample(denoiser, scheduler, Policy.static(["cfg"] * 4, S_T), noise, cond)
+    from agsearch.denoisers.text import UNetTextDenoiser
+
+    with pytest.raises(PolicyError, match="two-condition .* cannot run on a one-condition denoiser"):
+        sample(UNetTextDenoiser(pipe.unet), scheduler, policy, noise, cond)
 
 
 # -- agsearch generate on an editing pipeline ------------------------------------------------------------

@@ -55,6 +55,8 @@ class UNetEditDenoiser:
 
     ``evaluations`` counts per-sample evaluations (NFE summed over the batch)."""
 
+    conditions = 2  # agsearch.guidance.sampler.sample runs it through sample_edit
+
     def __init__(self, unet, parameterisation: str = "epsilon"):
         self.unet = unet
         self.parameterisation = parameterisation

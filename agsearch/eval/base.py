@@ -47,12 +47,23 @@ def check_size(samples: int, batch_size: int, minimum: int = 2) -> None:
 
 
 def is_full_cfg(policy: Policy) -> bool:
-    return policy.kind == "static" and all(s == {"op": "cfg"} for s in policy.steps)
+    """Full guidance at the policy's scales: ``cfg`` at every step (``edit`` for a two-condition policy)."""
+    full = {"op": "edit"} if policy.conditions == 2 else {"op": "cfg"}
+    return policy.kind == "static" and all(s == full for s in policy.steps)
 
 
-def reference_key(policy: Policy) -> tuple[int, float]:
-    """The full-CFG run a policy is compared with: its step count and scale."""
-    return policy.num_inference_steps, float(policy.guidance_scale)
+def reference_key(policy: Policy) -> tuple:
+    """The full-guidance run a policy is compared with: its step count and scale (and a
+    two-condition policy's image scale)."""
+    key = (policy.num_inference_steps, float(policy.guidance_scale))
+    return key if policy.conditions == 1 else (*key, float(policy.image_guidance_scale))
+
+
+def full_guidance(key: tuple) -> Policy:
+    """The full-guidance policy of a :func:`reference_key`."""
+    if len(key) == 2:
+        return Policy.static(["cfg"] * key[0], key[1])
+    return Policy.static(["edit"] * key[0], key[1], image_guidance_scale=key[2], conditions=2)
 
 
 class Quality:
@@ -184,7 +195,7 @@ class Evaluator:
         cache = self.__dict__.setdefault("_references", {})
         cosines = self.__dict__.setdefault("full_cfg_cosines", {})
         wanted = {reference_key(p) for p in policies} if compare else set()
-        fresh = {key: Tally(Policy.static(["cfg"] * key[0], key[1]), Quality()) for key in
+        fresh = {key: Tally(full_guidance(key), Quality()) for key in
                  wanted | {reference_key(t.policy) for t in order if is_full_cfg(t.policy)} if key not in cache}
         kept = {key: [] for key in fresh}  # this call's reference images, cached when they fit
         n = self.samples

@@ -107,11 +107,19 @@ def sample(
     observes each step's :class:`StepStats` and must not modify them. ``resume`` continues a paused
     trajectory from its step ``i`` (``noise`` then only gives the batch size and device; the NFE
     counts the steps run here; an ``affine`` op finds no past estimates at the first step run).
+    A two-condition denoiser (``conditions = 2``: an image editor) runs
+    :func:`agsearch.guidance.edit.sample_edit`.
     """
+    if getattr(denoiser, "conditions", 1) == 2:  # an image editor: three passes
+        from agsearch.guidance.edit import sample_edit
+
+        if resume is not None:
+            raise ValueError("resume is not supported for two-condition (editing) sampling")
+        return sample_edit(denoiser, scheduler, policy, noise, cond, controller=controller, callback=callback)
     if controller is None:
         if policy is None:
             raise ValueError("sample() needs a policy or a controller")
-        controller = controller_for(policy.require_conditions(1, "this sampler (use agsearch.guidance.edit.sample_edit)"))
+        controller = controller_for(policy.require_conditions(1, "a one-condition denoiser"))
     num_steps = policy.num_inference_steps if policy is not None else controller.num_inference_steps
     # A `cfg` op without its own scale runs at the policy's (or the controller's) guidance scale.
     if policy is None and not hasattr(controller, "guidance_scale"):

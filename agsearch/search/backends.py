@@ -36,11 +36,12 @@ class CheckpointedDenoiser:
     def __init__(self, inner):
         self.inner = inner
         self.parameterisation = getattr(inner, "parameterisation", None)
+        self.conditions = getattr(inner, "conditions", 1)  # 2: an editor's three passes
 
-    def __call__(self, x, t, cond, run_cond, run_uncond):
+    def __call__(self, x, t, cond, *runs):
         if not torch.is_grad_enabled() or not x.requires_grad:
-            return self.inner(x, t, cond, run_cond, run_uncond)
-        return torch.utils.checkpoint.checkpoint(self.inner, x, t, cond, run_cond, run_uncond, use_reentrant=False)
+            return self.inner(x, t, cond, *runs)
+        return torch.utils.checkpoint.checkpoint(self.inner, x, t, cond, *runs, use_reentrant=False)
 
 
 class DigitsBackend:

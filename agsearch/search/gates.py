@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from agsearch.eval.base import full_guidance
 from agsearch.guidance.controllers import StepPlan
 from agsearch.guidance.sampler import sample
 from agsearch.policy import MAX_SCALE, MAX_STEPS, Policy
@@ -94,9 +95,10 @@ class GateController:
     ``affine`` op takes step i's coefficients from ``affine_coef`` (T, R) or (T, R, C)."""
 
     def __init__(self, ops: list[dict], weights: torch.Tensor, guidance_scale: float, compute_all: bool,
-                 affine_coef: torch.Tensor | None = None):
+                 affine_coef: torch.Tensor | None = None, image_guidance_scale: float | None = None):
         self.ops = ops
         self.guidance_scale = guidance_scale
+        self.image_guidance_scale = image_guidance_scale  # two-condition ops (an image editor)
         self.weights = weights
         self.compute_all = compute_all
         self.num_inference_steps = weights.shape[1]
@@ -267,7 +269,8 @@ class PolicySearchModule(SearchBase):
                             space_spec=self.space.to_dict())
 
         # α (T, K): the trainable parameters (with the affine coefficients where the space trains them).
-        self.gate_logits = torch.nn.Parameter(_initial_logits(self.candidates, self.costs, T, budget, init))
+        self.gate_logits = torch.nn.Parameter(_initial_logits(self.candidates, self.costs, T, budget, init,
+                                                              self.space.full_op))
         # LinearAG coefficients (T, R) or (T, R, C): trained with the gates, or fixed (still saved).
         entry = self.space.affine_entry()
         if entry is not None:
@@ -279,6 +282,10 @@ class PolicySearchModule(SearchBase):
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
         self.backend = load_backend(model, scheduler, pipeline, prompts,  # frozen, not a submodule: not in checkpoints
                                     size=(height, width, num_frames))
+        conditions = getattr(self.backend, "conditions", 1)
+        check(conditions == self.space.conditions,
+              f"space {self.space.name!r} has {'two-condition (editing)' if self.space.conditions == 2 else 'one-condition'} "
+              f"ops but model {model!r} guides on {'two conditions (an image editor)' if conditions == 2 else 'one'}")
         self._teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     # -- gates ------------------------------------------------------------------------------------
@@ -331,14 +338,15 @@ class PolicySearchModule(SearchBase):
         if rounds <= 0:
             return picks, {"rounds": 0, "moves": [], "evaluations": 0}
         self._on_device()
-        k_teacher = self.candidates.index({"op": "cfg"}) if {"op": "cfg"} in self.candidates else None
+        full = self.space.full_op
+        k_teacher = self.candidates.index(full) if full in self.candidates else None
         logp = self.gate_logits.detach().float().log_softmax(dim=1).cpu()
         B = len(batch["seed"])
         noise = self.backend.noise(batch["seed"], self.device)
         target, _ = self.teacher(batch["seed"], noise, self.backend.condition(batch["label"]))
 
         def run(weights, M: int, resume, callback):
-            controller = GateController(self.candidates, weights, self.guidance_scale, False, self.affine_coef)
+            controller = self._controller(weights, False)
             return sample(self.backend.denoiser, self.backend.scheduler, None, noise.repeat(M, *([1] * (noise.dim() - 1))),
                           self.backend.condition(batch["label"].repeat(M)), controller=controller, callback=callback,
                           resume=resume).samples
@@ -353,11 +361,14 @@ class PolicySearchModule(SearchBase):
         """The cutoff at ``budget`` (CFG at the run's scale for the first budget − T steps, then
         ``cond``) as op indices, or None where the space cannot express it."""
         budget = self.hparams.budget if budget is None else budget
-        T = self.num_inference_steps
-        if {"op": "cfg"} not in self.candidates or {"op": "cond"} not in self.candidates or not T <= budget <= 2 * T:
+        T, full = self.num_inference_steps, self.space.full_op
+        if full not in self.candidates or {"op": "cond"} not in self.candidates:
             return None
-        k_cfg, k_cond = self.candidates.index({"op": "cfg"}), self.candidates.index({"op": "cond"})
-        return [k_cfg] * (budget - T) + [k_cond] * (2 * T - budget)
+        k_full, k_cond = self.candidates.index(full), self.candidates.index({"op": "cond"})
+        guided, extra = divmod(budget - T, self.costs[k_full] - 1)  # each guided step costs this much more
+        if extra or not 0 <= guided <= T:
+            return None
+        return [k_full] * guided + [k_cond] * (T - guided)
 
     def polish_starts(self, batch: dict, picks: list[int], rounds: int) -> tuple[list[int], dict]:
         """``polish`` from the discretised gates or from the cutoff at the budget (where the space
@@ -429,7 +440,7 @@ class PolicySearchModule(SearchBase):
             **provenance,
         }
         return Policy.static(
-            steps, self.guidance_scale, name=f"searched-{self.space.name}-{nfe}",
+            steps, self.guidance_scale, name=f"searched-{self.space.name}-{nfe}", **self._conditions(),
             provenance={
                 **backend.provenance(),  # "model" (and for a pipeline its folder and prompt file)
                 "scheduler": type(backend.scheduler).__name__,
@@ -454,13 +465,27 @@ class PolicySearchModule(SearchBase):
         keep = self.hparams.trajectory_weight > 0
         callback = (lambda stats: xs.append(stats.x)) if keep else None
         denoiser = CheckpointedDenoiser(self.backend.denoiser) if checkpointing else self.backend.denoiser
-        if weights is None:  # the teacher: full CFG at the run's scale
-            policy = Policy.static(["cfg"] * self.num_inference_steps, self.guidance_scale)
-            out = sample(denoiser, self.backend.scheduler, policy, noise, cond, callback=callback)
+        if weights is None:  # the teacher: full guidance at the run's scale(s)
+            out = sample(denoiser, self.backend.scheduler, self.teacher_policy(), noise, cond, callback=callback)
         else:
-            controller = GateController(self.candidates, weights, self.guidance_scale, compute_all, self.affine_coef)
-            out = sample(denoiser, self.backend.scheduler, None, noise, cond, controller=controller, callback=callback)
+            out = sample(denoiser, self.backend.scheduler, None, noise, cond, controller=self._controller(weights, compute_all),
+                         callback=callback)
         return out.samples, (torch.stack(xs[1:]) if keep and len(xs) > 1 else None)
+
+    def _conditions(self) -> dict:
+        """The policy fields of a two-condition (editing) run: its image scale; none otherwise."""
+        if self.space.conditions == 1:
+            return {}
+        return {"conditions": 2, "image_guidance_scale": float(self.backend.image_guidance_scale)}
+
+    def teacher_policy(self) -> Policy:
+        """Full guidance at the run's scale(s): CFG, or full two-condition guidance for an editor."""
+        key = (self.num_inference_steps, float(self.guidance_scale))
+        return full_guidance(key if self.space.conditions == 1 else (*key, float(self.backend.image_guidance_scale)))
+
+    def _controller(self, weights: torch.Tensor, compute_all: bool) -> GateController:
+        return GateController(self.candidates, weights, self.guidance_scale, compute_all, self.affine_coef,
+                              self._conditions().get("image_guidance_scale"))
 
     @torch.no_grad()
     def teacher(self, seeds: torch.Tensor, noise: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -549,7 +574,8 @@ class PolicySearchModule(SearchBase):
             return torch.optim.Adam([{k: v for k, v in g.items() if k != "shared"} for g in groups], lr=self.hparams.lr)
         return SharedScaleAdam(groups, lr=self.hparams.lr)
 
-def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: int, init: str) -> torch.Tensor:
+def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: int, init: str,
+                    full: dict | None = None) -> torch.Tensor:
     """(T, K) starting logits, the same at every step.
 
     ``uniform``: zeros. ``teacher``: probability 0.9 on CFG at the run's scale (the teacher's
@@ -562,16 +588,17 @@ def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: in
     """
     logits = torch.zeros(T, len(costs))
     lo, hi = min(costs), max(costs)
-    if init == "cutoff" and {"op": "cfg"} in candidates and {"op": "cond"} in candidates:
-        guide, skip = candidates.index({"op": "cfg"}), candidates.index({"op": "cond"})
+    full = full or {"op": "cfg"}  # the teacher's op: cfg, or edit for an image editor
+    if init == "cutoff" and full in candidates and {"op": "cond"} in candidates:
+        guide, skip = candidates.index(full), candidates.index({"op": "cond"})
         k = max(0, min(T, (budget - T * costs[skip]) // max(1, costs[guide] - costs[skip])))
         rest = math.log(0.1 / (len(costs) - 1))
         logits[:] = rest
         logits[:k, guide] = math.log(0.9)
         logits[k:, skip] = math.log(0.9)
         return logits
-    if init == "teacher" and {"op": "cfg"} in candidates:
-        k = candidates.index({"op": "cfg"})
+    if init == "teacher" and full in candidates:
+        k = candidates.index(full)
         rest = 0.1 / (len(costs) - 1)
         logits[:] = math.log(rest)
         logits[:, k] = math.log(0.9)
@@ -579,11 +606,12 @@ def _initial_logits(candidates: list[dict], costs: list[int], T: int, budget: in
     if init == "uniform" or lo == hi:
         return logits
     target = budget / T  # per-step cost
-    # Probability q on the dearest ops and 1 − q on the others, spread evenly within each group
-    # (exact when the ops cost 1 or 2 NFE, as all ops do today).
-    q = min(max((target - lo) / (hi - lo), 1e-3), 1 - 1e-3)
+    # Probability q on the dearest ops and 1 − q on the others, spread evenly within each group,
+    # so that E[cost] = q · hi + (1 − q) · (the others' mean cost) = the budget's per-step cost.
     n_hi = sum(c == hi for c in costs)
     n_lo = len(costs) - n_hi
+    mean_lo = sum(c for c in costs if c != hi) / n_lo
+    q = min(max((target - mean_lo) / (hi - mean_lo), 1e-3), 1 - 1e-3)
     for k, c in enumerate(costs):
         logits[:, k] = math.log(q / n_hi) if c == hi else math.log((1 - q) / n_lo)
     return logits

@@ -45,14 +45,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agsearch.guidance.ops import OP_NFE
+from agsearch.guidance.ops import EDIT_OP_NFE, OP_NFE
 from agsearch.io import parse_yaml
 
 RELAXATIONS = ("softmax", "gumbel_st")  # static spaces
 ADAPTIVE_RELAXATIONS = ("stopping",)  # adaptive spaces
 RULE_SPACES = ("x0", "eps")
 SCHEDULES = ("exponential", "linear", "constant")
-SEARCH_OPS = ("cfg", "cond", "uncond", "affine")
+SEARCH_OPS = ("cfg", "cond", "uncond", "affine", "edit", "text", "joint")
+EDIT_OPS = ("edit", "text", "joint")  # two-condition ops (an image editor; cond is shared)
+NFE = {**OP_NFE, **EDIT_OP_NFE}
 
 
 class SpaceError(ValueError):
@@ -146,7 +148,17 @@ class SearchSpace:
 
     @staticmethod
     def costs(candidates: list[dict]) -> list[int]:
-        return [OP_NFE[c["op"]] for c in candidates]
+        return [NFE[c["op"]] for c in candidates]
+
+    @property
+    def conditions(self) -> int:
+        """2 for a space of an image editor's two-condition ops, else 1."""
+        return 2 if any(e["op"] in EDIT_OPS for e in self.ops) else 1
+
+    @property
+    def full_op(self) -> dict:
+        """The teacher's op at the run's scale: ``cfg``, or ``edit`` for a two-condition space."""
+        return {"op": "edit"} if self.conditions == 2 else {"op": "cfg"}
 
     @staticmethod
     def labels(candidates: list[dict]) -> list[str]:
@@ -207,8 +219,8 @@ class SearchSpace:
             extra = set(entry) - allowed
             if extra:
                 raise SpaceError(f"{at}unknown key {sorted(extra)[0]!r} for op {op!r}")
-            if "nfe" in entry and entry["nfe"] != OP_NFE[op]:
-                raise SpaceError(f"{at}op {op!r} costs {OP_NFE[op]} NFE, but the file says {entry['nfe']!r}")
+            if "nfe" in entry and entry["nfe"] != NFE[op]:
+                raise SpaceError(f"{at}op {op!r} costs {NFE[op]} NFE, but the file says {entry['nfe']!r}")
             for key in ("scales", "strengths"):
                 values = entry.get(key)
                 if values is None:
@@ -227,6 +239,9 @@ class SearchSpace:
         if kind == "adaptive" and (sorted(names) != ["cfg", "cond"] or any(set(e) - {"op", "nfe"} for e in checked)):
             raise SpaceError(f"{where}an adaptive space gates CFG at the run's scale against cond and nothing else: "
                              f"its ops must be [cfg, cond] without scales, got {[_short_op(e) for e in checked]}")
+        if any(n in EDIT_OPS for n in names) and any(n in ("cfg", "uncond", "affine") for n in names):
+            raise SpaceError(f"{where}a space's ops guide either one condition (cfg, uncond, affine, cond) or an "
+                             f"image editor's two (edit, text, joint, cond), not both: got {names}")
         if names.count("affine") > 1:
             raise SpaceError(f"{where}at most one 'affine' op per space, got {names.count('affine')}")
         relaxation = document.get("relaxation", {}) or {}

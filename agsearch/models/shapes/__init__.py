@@ -12,6 +12,11 @@
 
 ``load_pipeline()`` loads the pipeline offline; ``--pipeline builtin:shapes`` names it on the
 command line. The model card is ``weights/shapes/README.md``.
+
+The editing test bed: :mod:`agsearch.models.shapes.edits` (edit triples, instructions, metrics) and
+``weights/shapes_edit/``, a ``StableDiffusionInstructPix2PixPipeline`` folder trained by
+``experiments/train_shapes_edit.py`` from the shapes model (``load_edit_pipeline()``,
+``builtin:shapes_edit``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from agsearch.models.shapes import scenes
 
 WEIGHTS_DIR = Path(str(resources.files("agsearch.models.shapes") / "weights"))
 PIPELINE_DIR = WEIGHTS_DIR / "shapes"
+EDIT_PIPELINE_DIR = WEIGHTS_DIR / "shapes_edit"
 SCORER_FILE = WEIGHTS_DIR / "shapes_scorer.safetensors"
 BENCHMARK_FILE = WEIGHTS_DIR / "shapes_benchmark.json"  # written by experiments/calibrate_shapes.py
 BUILTIN_PREFIX = "builtin:"
@@ -73,16 +79,24 @@ def build_components(scaling_factor: float = 1.0):
     return vae, text_encoder, tokenizer, unet, DDIMScheduler(**SCHEDULER_CONFIG)
 
 
+BUILTIN_PIPELINES = {  # builtin:NAME → (folder, how it is made)
+    "shapes": (PIPELINE_DIR, "run experiments/train_shapes.py"),
+    "shapes_edit": (EDIT_PIPELINE_DIR, "run experiments/train_shapes_edit.py and copy its --out folder there"),
+}
+
+
 def pipeline_path(name: str | Path) -> Path:
-    """A pipeline folder, or a built-in model named ``builtin:NAME`` (only ``builtin:shapes``)."""
+    """A pipeline folder, or a built-in model named ``builtin:NAME`` (``builtin:shapes``, ``builtin:shapes_edit``)."""
     text = str(name)
     if text.startswith(BUILTIN_PREFIX):
         model = text[len(BUILTIN_PREFIX):]
-        if model != "shapes":
-            raise ValueError(f"unknown built-in pipeline {text!r}: expected 'builtin:shapes'")
-        if not (PIPELINE_DIR / "model_index.json").is_file():
-            raise ValueError(f"the shapes pipeline is not in {PIPELINE_DIR}: run experiments/train_shapes.py")
-        return PIPELINE_DIR
+        if model not in BUILTIN_PIPELINES:
+            expected = " or ".join(repr(BUILTIN_PREFIX + k) for k in BUILTIN_PIPELINES)
+            raise ValueError(f"unknown built-in pipeline {text!r}: expected {expected}")
+        folder, how = BUILTIN_PIPELINES[model]
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"the {model} pipeline is not in {folder}: {how}")
+        return folder
     return Path(name)
 
 
@@ -111,6 +125,18 @@ def load_pipeline(device="cpu", dtype=torch.float32, progress: bool = False):
     with _quiet_loading():  # a 37 MB folder: no loading bars, no advice to install accelerate
         pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_path("builtin:shapes")), local_files_only=True,
                                                        low_cpu_mem_usage=False, **extra)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe.to(device)
+
+
+def load_edit_pipeline(device="cpu", dtype=torch.float32, progress: bool = False):
+    """The built-in shapes editor, a ``StableDiffusionInstructPix2PixPipeline``, loaded offline from the package."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    with _quiet_loading():
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            str(pipeline_path("builtin:shapes_edit")), local_files_only=True, low_cpu_mem_usage=False, **extra)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
 

@@ -18,7 +18,7 @@ which computes every position up to the last guided one (its key/value cache sta
 that resumes first computes the positions it skipped). Its adaptive rule is ``token_divergence``.
 
 A policy with ``"conditions": 2`` guides an image editor on its two conditions, the input image
-and the text instruction (InstructPix2Pix, arXiv 2211.09800; ``agsearch.guidance.edit``): its ops
+and the text instruction (InstructPix2Pix, arXiv 2211.09800; ``agsearch.guidance.sampler.sample_edit``): its ops
 are ``edit`` (3 passes, s_T = ``guidance_scale`` and s_I = ``image_guidance_scale``), ``text``
 (2), ``joint`` (2) and ``cond`` (1), formulas in ``agsearch.guidance.ops``; its adaptive rule is
 ``ag_cosine`` on the agreement of both guidance directions.

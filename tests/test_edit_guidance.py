@@ -10,7 +10,7 @@ import torch
 
 from agsearch.denoisers.edit import EditCondition, UNetEditDenoiser
 from agsearch.diffusers.hook import apply_policy
-from agsearch.guidance.edit import sample_edit
+from agsearch.guidance.sampler import sample_edit
 from agsearch.guidance.ops import edit_output
 from agsearch.guidance.sampler import sample
 from agsearch.policy import Policy, PolicyError

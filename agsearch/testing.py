@@ -79,6 +79,23 @@ def tiny_instruct_pix2pix(seed: int = 0):
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
 
 
+def untrained_shapes_editor():
+    """The shapes editor before training: a ``StableDiffusionInstructPix2PixPipeline`` of the shipped
+    shapes pipeline's VAE, text encoder and tokenizer and :func:`agsearch.models.shapes.edit_unet` of
+    its UNet (the image channels zero: it draws the instruction as a caption and ignores the image).
+    Real sizes (8×8×8 latents, 32×32 images, the scorer reads them) for tests of the editing
+    evaluation and search without the trained editor."""
+    from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from agsearch.models.shapes import SCHEDULER_CONFIG, edit_unet, load_pipeline
+
+    base = load_pipeline()
+    return _quiet(StableDiffusionInstructPix2PixPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=edit_unet(base.unet).eval(),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False))
+
+
 def tiny_sdxl(seed: int = 0):
     """A tiny StableDiffusionXLPipeline (two CLIP text encoders, text-time conditioning), Euler."""
     from diffusers import (

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agsearch.models.shapes import LATENT_CHANNELS, PIPELINE_DIR, SCHEDULER_CONFIG, edits, scenes
+from agsearch.models.shapes import LATENT_CHANNELS, PIPELINE_DIR, SCHEDULER_CONFIG, edit_unet, edits, scenes
 
 HELD_PER_SPLIT = 256  # edits of each split in the fixed held-out batch
 
@@ -57,24 +57,6 @@ def lr_at(step, total, warmup, floor=0.1):
         return (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
-def edit_unet(unet):
-    """InstructPix2Pix's UNet from a text-to-image one: ``in_channels`` doubled, every weight copied,
-    the new input channels of ``conv_in`` zero (the image channels, after the noisy latent's)."""
-    from diffusers import UNet2DConditionModel
-
-    config = dict(unet.config, in_channels=2 * unet.config.in_channels)
-    edit = UNet2DConditionModel.from_config(config).to(unet.device)
-    state = unet.state_dict()
-    weight = state.pop("conv_in.weight")  # (C_out, C_in, 3, 3)
-    missing, unexpected = edit.load_state_dict(state, strict=False)
-    if missing != ["conv_in.weight"] or unexpected:
-        raise ValueError(f"the UNets differ beyond conv_in: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        edit.conv_in.weight.zero_()
-        edit.conv_in.weight[:, : weight.shape[1]] = weight
-    return edit
 
 
 class Embeddings:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 
+import copy
+
 import pytest
 import torch
 
 from agsearch.denoisers.edit import EditCondition, UNetEditDenoiser
 from agsearch.diffusers.hook import apply_policy
-from agsearch.guidance.sampler import sample_edit
 from agsearch.guidance.ops import edit_output
-from agsearch.guidance.sampler import sample
+from agsearch.guidance.sampler import Resume, sample, sample_edit
 from agsearch.policy import Policy, PolicyError
 from agsearch.testing import tiny_instruct_pix2pix
 
@@ -176,6 +177,11 @@ def test_sample_edit_matches_the_pipeline_under_the_same_policy(images):
     policy = edit_policy(["edit", "cond", "joint", "text"])
     assert torch.equal(sample(denoiser, scheduler, policy, noise, cond).samples,  # the one entry point
                        sample_edit(denoiser, scheduler, policy, noise, cond).samples)
+    paused = {}
+    whole = sample_edit(denoiser, scheduler, policy, noise, cond, callback=lambda stats: paused.setdefault(
+        stats.i, Resume(stats.i, stats.x, copy.deepcopy(stats.scheduler))))
+    resumed = sample(denoiser, scheduler, policy, noise, cond, resume=paused[2])  # the search's polish resumes
+    assert torch.allclose(resumed.samples, whole.samples, atol=1e-6) and resumed.nfe.tolist() == [4.0] * len(PROMPTS)
     with pytest.raises(PolicyError, match="one-condition policy cannot run on an image editor"):
         sample(denoiser, scheduler, Policy.static(["cfg"] * 4, S_T), noise, cond)
     from agsearch.denoisers.text import UNetTextDenoiser

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agsearch.models.shapes import EDIT_PIPELINE_DIR, load_edit_pipeline, load_scorer, pipeline_path, scenes
+from agsearch.models.shapes import EDIT_PIPELINE_DIR, edit_unet, load_edit_pipeline, load_scorer, pipeline_path, scenes
 from agsearch.models.shapes.edits import (
     DIRECTIONS,
     KINDS,
@@ -222,13 +222,13 @@ def test_the_stream_drops_conditions_as_instruct_pix2pix_does():
 # --- the editor ----------------------------------------------------------------------------------
 
 
-def test_the_editor_unet_starts_as_the_shapes_unet_blind_to_the_image(train_script):
+def test_the_editor_unet_starts_as_the_shapes_unet_blind_to_the_image():
     from diffusers import UNet2DConditionModel
 
     from agsearch.models.shapes import PIPELINE_DIR
 
     base = UNet2DConditionModel.from_pretrained(PIPELINE_DIR / "unet").eval()
-    unet = train_script.edit_unet(base).eval()
+    unet = edit_unet(base).eval()
     assert unet.config.in_channels == 16 and unet.config.out_channels == base.config.out_channels == 8
     assert not unet.conv_in.weight[:, 8:].any()
     g = torch.Generator().manual_seed(0)

@@ -212,7 +212,7 @@ def test_shapes_benchmark_writes_both_caption_tables_and_the_grid(tmp_path, caps
     assert run(capsys, "baseline", "interval", "--model", "shapes", "--start", 0.04, "--stop", 0.44,
                "--out", policy)[0] == 0  # a 35-NFE static policy standing in for a searched one
     out = tmp_path / "bench"
-    code, stdout, _ = run(capsys, "bench", "--model", "shapes", "--quick", "--samples", 5, "--policy", policy,
+    code, stdout, _ = run(capsys, "bench", "--model", "shapes", "--quick", "--samples", 2, "--policy", policy,
                           "--out-dir", out, "--no-progress")
     assert code == 0 and "held-out captions" in stdout
     assert {p.name for p in out.iterdir()} == {"benchmark.md", "benchmark.json", "fronts.png", "cosine.png", "grid.png"}
@@ -220,7 +220,7 @@ def test_shapes_benchmark_writes_both_caption_tables_and_the_grid(tmp_path, caps
     assert set(data["records"]) == {"train", "heldout"} and data["settings"]["num_inference_steps"] == 25
     for split, records in data["records"].items():
         assert {r["family"] for r in records} >= {"cfg", "cond", "cutoff", "ag-x0", "policy file"}
-        assert all(r["captions"] == split and r["samples"] == 5 for r in records)
+        assert all(r["captions"] == split and r["samples"] == 2 for r in records)
         assert next(r for r in records if r["family"] == "cfg")["mse"] == 0
     md = (out / "benchmark.md").read_text()
     assert "## Training captions" in md and "## Held-out captions" in md and "(35 NFE)" in md
@@ -240,21 +240,23 @@ def test_shapes_benchmark_resumes_from_its_last_checkpoint(tmp_path, capsys, mon
         return original(evaluator, suite)
 
     monkeypatch.setattr(shapes_bench, "suite_records", suite_records)
-    monkeypatch.setattr(shapes_bench, "CHECKPOINT_POLICIES", 3)
+    monkeypatch.setattr(shapes_bench, "CHECKPOINT_POLICIES", 2)
+    monkeypatch.setattr(shapes_bench, "sample_grid", lambda *a, **k: None)  # drawn in the test above
 
-    def bench(out, *extra, samples=4, stop=None):
+    def bench(out, *extra, samples=2, stop=None):
         calls.clear()
         stop_at[0] = stop
-        return main([str(a) for a in ["bench", "--model", "shapes", "--quick", "--samples", samples,
-                                           "--out-dir", out, "--no-progress", *extra]])
+        return main([str(a) for a in ["bench", "--model", "shapes", "--quick", "--families", "cfg", "cond", "cutoff",
+                                      "--samples", samples, "--out-dir", out, "--no-progress", *extra]])
 
     assert bench(tmp_path / "fresh") == 0
     groups = list(calls)
-    assert groups[0][0] == "heldout" and groups[-1][0] == "train" and all(n <= 3 for _, n in groups)
+    assert groups[0][0] == "heldout" and groups[-1][0] == "train" and all(n <= 2 for _, n in groups)
+    assert len(groups) == 4  # two groups of two policies per caption set
     per_set = sum(n for name, n in groups if name == "heldout")
     assert bench(tmp_path / "cut", stop=2) == 130  # Ctrl-C in the held-out set's second group
     partial = json.loads((tmp_path / "cut" / "benchmark.heldout.partial.json").read_text())
-    assert len(partial["records"]) == 3 and partial["cosines"] is not None  # full CFG ran in the first group
+    assert len(partial["records"]) == 2 and partial["cosines"] is not None  # full CFG ran in the first group
     assert bench(tmp_path / "cut", "--resume", samples=3) == 0 and sum(n for _, n in calls) == 2 * per_set  # another protocol
     assert bench(tmp_path / "cut", stop=len(groups)) == 130  # Ctrl-C in the training set's last group
     assert bench(tmp_path / "cut", "--resume") == 0 and calls == groups[-1:]  # only that group runs again

@@ -19,7 +19,7 @@ from agsearch.cli.common import MAX_SEED, MAX_SIZE, UserError, printable
 from agsearch.io import atomic_write_text
 from agsearch.policy import MAX_SCALE, MAX_STEPS, PolicyError
 
-MODELS = ("digits", "shapes")
+MODELS = ("digits", "shapes", "shapes_edit")  # shapes_edit: the built-in image editor
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,7 +139,9 @@ _samples = _int_up_to(MAX_SAMPLES, "samples")
 def _settings(model: str = "digits") -> dict:
     """The benchmark protocol's settings (scheduler, steps, best scale) of a built-in model."""
     _check_model(model)
-    if model == "shapes":
+    if model == "shapes_edit":
+        from agsearch.models.shapes import edit_benchmark_settings as benchmark_settings
+    elif model == "shapes":
         from agsearch.models.shapes import benchmark_settings
     else:
         from agsearch.models.digits import benchmark_settings
@@ -189,9 +191,12 @@ def cmd_baseline(args) -> int:
         if args.name != "linear-ag":
             raise UserError(f"--from is an option of linear-ag, not of {args.name}")
         base = Policy.load(args.base)
+    image_scale = args.image_scale
+    if args.model == "shapes_edit" and image_scale is None:
+        image_scale = settings["image_guidance_scale"]  # the editor's baselines are two-condition ones
     policy = make_baseline(args.name, steps, scale, fraction=args.fraction, start=args.start,
                            stop=args.stop, threshold=threshold, space=args.space, affine=affine, base=base,
-                           image_scale=args.image_scale)
+                           image_scale=image_scale)
     policy.provenance.setdefault("model", f"agsearch-{args.model}")
     policy.save(args.out)
     nfe = policy.nfe if policy.nfe is not None else f"adaptive, at most {policy.max_nfe}"
@@ -269,8 +274,21 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     _check_model(args.model)
-    args.out_dir = args.out_dir or Path("results/shapes" if args.model == "shapes" else "results")
+    args.out_dir = args.out_dir or Path({"shapes": "results/shapes", "shapes_edit": "results/shapes_edit"}.get(
+        args.model, "results"))
     _check_out(args.out_dir / "benchmark.md")
+    if args.model == "shapes_edit":
+        from agsearch.eval.shapes import max_batch
+        from agsearch.eval.shapes_edit_bench import run_edit_benchmark
+
+        if args.merge or args.records:
+            raise UserError("--merge and --records are options of the digits benchmark; "
+                            "pass the policies to add with --policy")
+        run_edit_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
+                           batch_size=min(args.batch_size, max_batch(args.device)), device=args.device,
+                           progress=not args.no_progress, quick=args.quick, policies=args.policy,
+                           families=args.families, resume=args.resume)
+        return 0
     if args.model == "shapes":
         from agsearch.eval.shapes import max_batch
         from agsearch.eval.shapes_bench import run_shapes_benchmark
@@ -284,7 +302,7 @@ def cmd_bench(args) -> int:
                              families=args.families, resume=args.resume)
         return 0
     if args.resume:
-        raise UserError("--resume is an option of the shapes benchmark (--model shapes)")
+        raise UserError("--resume is an option of the shapes benchmarks (--model shapes or shapes_edit)")
     from agsearch.eval.bench import run_benchmark
 
     run_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
@@ -518,16 +536,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="base", type=Path, metavar="POLICY",
                    help="linear-ag: start from this static policy and make its cond steps affine (same NFE)")
     p.add_argument("--model", default="digits", help="built-in model whose benchmark settings (steps, scale, "
-                   "AG threshold) are the defaults: digits or shapes")
+                   "AG threshold; the image scale for shapes_edit) are the defaults: digits, shapes or shapes_edit")
     p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("eval", help="evaluate policies side by side on a built-in model",
                        description="Sample each policy from the same noise and report NFE, class accuracy "
-                                   "(digits) or prompt adherence overall and per caption category (shapes), "
-                                   "MSE/PSNR against full CFG, Fréchet distance, wall time.")
+                                   "(digits), prompt adherence overall and per caption category (shapes) or "
+                                   "edit success and preservation on held-out instructions (shapes_edit), "
+                                   "MSE/PSNR against full guidance, Fréchet distance, wall time.")
     p.add_argument("--policy", action="append", type=Path, required=True, help="policy JSON (repeatable)")
-    p.add_argument("--model", default="digits", help="built-in model: digits or shapes")
+    p.add_argument("--model", default="digits", help="built-in model: digits, shapes or shapes_edit (the image editor)")
     p.add_argument("--captions", metavar="SET|FILE",
                    help="shapes: 'heldout' (default: captions with combinations never in training), 'train', "
                         "or a file of captions, one per line, used in order")
@@ -548,10 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark every baseline into a markdown table and plots",
                        description="Evaluate full CFG, cond, cutoff and interval sweeps, alternating "
                                    "and AG at several thresholds; write benchmark.md/.json and PNG fronts "
-                                   "(shapes: on training and on held-out captions, with a sample grid).")
+                                   "(shapes: on training and on held-out captions, with a sample grid; "
+                                   "shapes_edit: two-condition baselines on held-out instructions).")
     p.add_argument("--model", default="digits",
-                   help="built-in model: digits (one table) or shapes (training and held-out captions)")
-    p.add_argument("--out-dir", type=Path, default=None, help="default results/ (digits), results/shapes/ (shapes)")
+                   help="built-in model: digits (one table), shapes (training and held-out captions) or "
+                        "shapes_edit (the image editor, held-out instructions)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="default results/ (digits), results/shapes/ (shapes), results/shapes_edit/ (shapes_edit)")
     p.add_argument("--samples", type=_samples, default=1000)
     p.add_argument("--seed", type=_seed, default=1)
     p.add_argument("--batch-size", type=_samples, default=1000)
@@ -566,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", action="append", type=Path, default=[],
                    help="with --merge: add the records of an 'agsearch eval --json' run (same samples, seed, scheduler)")
     p.add_argument("--resume", action="store_true",
-                   help="shapes: go on from the checkpoint an interrupted run of the same protocol left "
+                   help="shapes, shapes_edit: go on from the checkpoint an interrupted run of the same protocol left "
                         "(OUT_DIR/benchmark.SET.partial.json, written every 8 policies) instead of starting over")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -229,8 +229,9 @@ def describe(policy: Policy) -> str:
 
 def eval_metrics(record: dict, seed: int) -> dict:
     """The held-out metrics a policy file keeps, from an evaluation record."""
-    keys = ("nfe", "accuracy", "adherence", *(k for k in record if k.startswith("adherence_")), "mse", "psnr", "fd",
-            "clip_score", "clip_fd", "captions", "samples")  # each model's records have some of these
+    keys = ("nfe", "accuracy", "adherence", *(k for k in record if k.startswith("adherence_")), "edit_success",
+            "preservation", "edited", *(k for k in record if k.startswith("edit_success_")), "mse", "psnr", "fd",
+            "clip_score", "clip_fd", "captions", "edits", "samples")  # each model's records have some of these
     return {**{k: record[k] for k in keys if k in record}, "seed": seed}
 
 
@@ -276,6 +277,10 @@ def search_main(argv: list[str]) -> int:
             print(f"comparison on held-out noise, {n} samples (seed {seed}) of the {records[0]['captions']} captions; "
                   "MSE and PSNR of the decoded images to full CFG; `agsearch bench --model shapes --policy` compares "
                   "on both caption sets:")
+        elif "edit_success" in records[0]:
+            print(f"comparison on held-out noise, {n} samples (seed {seed}) of the {records[0]['edits']} instructions; "
+                  "MSE and PSNR of the decoded edits to full two-condition guidance; `agsearch bench --model "
+                  "shapes_edit --policy` compares on held-out instructions:")
         else:
             print(f"held-out comparison, {n} samples (seed {seed}); MSE of the final latents to full CFG:")
         print(format_table(records, markdown=False))

@@ -76,19 +76,25 @@ class EvalRecord:
 def format_table(records: list[EvalRecord | dict], markdown: bool = True) -> str:
     """A table of evaluation records, one row per policy.
 
-    Columns a record set does not have (accuracy for a text model, adherence for digits, PSNR and
-    FD for a text-to-image search's comparison) are left out.
+    Columns a record set does not have (accuracy for a text model, adherence for digits, edit
+    success for anything but an editor, PSNR and FD for a text-to-image search's comparison) are
+    left out.
     """
+    from agsearch.models.shapes.edits import KINDS
     from agsearch.models.shapes.scenes import CATEGORIES
 
     rows = [r.as_dict() if isinstance(r, EvalRecord) else r for r in records]
     pct = lambda r, k: f"{100 * r[k]:.1f}" if r.get(k) is not None else "-"  # noqa: E731
     cats = [c for c in CATEGORIES if any(f"adherence_{c}" in r for r in rows)]
+    kinds = [k for k in KINDS if any(f"edit_success_{k}" in r for r in rows)]
+    editing = ["edit_success", "preservation", "edited"]
     header = (["policy", "NFE", "accuracy %", "adherence %"] + [f"{c} %" for c in cats]
-              + ["MSE vs CFG", "PSNR dB", "FD", "CLIP score", "CLIP FD", "seconds"])
+              + ["edit success %", "preserved %", "both %"] + [f"{k} %" for k in kinds]
+              + ["MSE vs full" if kinds else "MSE vs CFG", "PSNR dB", "FD", "CLIP score", "CLIP FD", "seconds"])
     body = [[
         r["name"], f"{r['nfe']:.2f}", pct(r, "accuracy"), pct(r, "adherence"),
-        *[pct(r, f"adherence_{c}") for c in cats], "-" if r.get("mse") is None else f"{r['mse']:.5f}",
+        *[pct(r, f"adherence_{c}") for c in cats], *[pct(r, k) for k in editing],
+        *[pct(r, f"edit_success_{k}") for k in kinds], "-" if r.get("mse") is None else f"{r['mse']:.5f}",
         "-" if "psnr" not in r or r.get("mse") is None else "inf" if r["psnr"] is None else f"{r['psnr']:.1f}",
         f"{r['fd']:.3f}" if "fd" in r else "-", f"{r['clip_score']:.2f}" if "clip_score" in r else "-",
         f"{r['clip_fd']:.3f}" if "clip_fd" in r else "-", f"{r['seconds']:.2f}",

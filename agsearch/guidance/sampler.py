@@ -122,9 +122,8 @@ def sample(
     :func:`sample_edit`.
     """
     if getattr(denoiser, "conditions", 1) == 2:  # an image editor: three passes
-        if resume is not None:
-            raise ValueError("resume is not supported for two-condition (editing) sampling")
-        return sample_edit(denoiser, scheduler, policy, noise, cond, controller=controller, callback=callback)
+        return sample_edit(denoiser, scheduler, policy, noise, cond, controller=controller, callback=callback,
+                           resume=resume)
     if controller is None:
         if policy is None:
             raise ValueError("sample() needs a policy or a controller")
@@ -220,13 +219,14 @@ def sample(
 
 
 def sample_edit(denoiser, scheduler, policy: Policy | None, noise: torch.Tensor, cond, *, controller=None,
-                callback: Callable[[StepStats], None] | None = None) -> SampleOutput:
+                callback: Callable[[StepStats], None] | None = None, resume: Resume | None = None) -> SampleOutput:
     """Sample edits from ``noise`` (B, ...) under ``cond`` (an
     :class:`~agsearch.denoisers.edit.EditCondition`) following a two-condition ``policy``.
 
     ``controller`` replaces the policy's own (the search's soft gates; it then provides
     ``num_inference_steps``, ``guidance_scale`` and ``image_guidance_scale``). The output's
     ``cosine_x0``/``cosine_eps`` hold γ_t of both guidance directions, NaN where a pass was skipped.
+    ``resume`` continues a paused trajectory from its step ``i``, as in :func:`sample`.
     """
     if controller is None:
         if policy is None:
@@ -236,9 +236,12 @@ def sample_edit(denoiser, scheduler, policy: Policy | None, noise: torch.Tensor,
     source = policy if policy is not None else controller
     num_steps = source.num_inference_steps
     scale, image_scale = float(source.guidance_scale), float(source.image_guidance_scale)
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_steps, device=noise.device)
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    if resume is None:
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(num_steps, device=noise.device)
+        x, first = noise * getattr(scheduler, "init_noise_sigma", 1.0), 0
+    else:
+        scheduler, x, first = copy.deepcopy(resume.scheduler), resume.x, resume.i
     parameterisation = getattr(denoiser, "parameterisation", None) or scheduler.config.get("prediction_type", "epsilon")
 
     batch = noise.shape[0]
@@ -246,7 +249,8 @@ def sample_edit(denoiser, scheduler, policy: Policy | None, noise: torch.Tensor,
     nan = torch.full((num_steps, batch), float("nan"), device=noise.device)
     cos_x0, cos_eps = nan.clone(), nan.clone()
     shape = (batch,) + (1,) * (x.dim() - 1)
-    for i, t in enumerate(scheduler.timesteps):
+    for i in range(first, num_steps):
+        t = scheduler.timesteps[i]
         plan = controller.plan(i, batch, noise.device)
         active = plan.weights != 0 if plan.active is None else plan.active | (plan.weights != 0)  # (B, K)
         needs = torch.tensor([edit_op_passes(op) for op in plan.ops], device=noise.device)  # (K, 3)

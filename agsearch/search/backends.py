@@ -3,10 +3,13 @@ contract, a scheduler, per-sample seeded noise and the conditions pair i draws f
 (``num_conditions``; pair i uses condition i mod ``num_conditions``). Kept outside the
 LightningModule's submodules, so checkpoints hold the gates and never the model weights.
 
-Three backends: the built-in digits UNet (``model="digits"``, 10 class labels), a local
+Four backends: the built-in digits UNet (``model="digits"``, 10 class labels), a local
 diffusers text-to-image pipeline folder with a prompt file (``TextPipelineBackend``: Stable
-Diffusion 1.x/2.x and 3; one condition per prompt) and the built-in shapes pipeline on its
-training captions (``model="shapes"`` or ``pipeline="builtin:shapes"``, ``ShapesBackend``).
+Diffusion 1.x/2.x and 3; one condition per prompt), the built-in shapes pipeline on its
+training captions (``model="shapes"`` or ``pipeline="builtin:shapes"``, ``ShapesBackend``) and
+the built-in shapes editor on its training instructions (``model="shapes_edit"`` or
+``pipeline="builtin:shapes_edit"``, ``ShapesEditBackend``: two conditions, the image and the
+instruction).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from agsearch.diffusers.schedulers import make_scheduler
 from agsearch.models.digits.data import IMAGE_SHAPE, NULL_CLASS, NUM_CLASSES
 from agsearch.seeds import make_noise
 
-MODELS = ("digits", "shapes", "pipeline")  # "pipeline": the folder given as ``pipeline``
+MODELS = ("digits", "shapes", "shapes_edit", "pipeline")  # "pipeline": the folder given as ``pipeline``
 SEARCH_STEPS = 25  # T of a pipeline search unless given: a 25-step teacher costs 50 NFE per pair
 
 
@@ -272,8 +275,88 @@ class ShapesBackend(TextPipelineBackend):
                                                           "prompts": captions, "num_prompts": len(self.prompts)}}
 
 
+class ShapesEditBackend:
+    """The built-in shapes editor (``builtin:shapes_edit``, an InstructPix2Pix pipeline) on its
+    training instructions: a backend of two conditions (``conditions = 2``).
+
+    Pair i edits the source of edit i mod ``SEARCH_EDITS`` of ``SEARCH_EDITS`` training edits drawn
+    by the search seed (:func:`agsearch.models.shapes.edits.eval_edits`, the kinds in turn); its
+    instruction and input image are encoded once (:class:`agsearch.denoisers.edit.EditCondition`).
+    The teacher is full two-condition guidance at s_T = the run's ``guidance_scale`` and s_I =
+    ``image_guidance_scale`` (default: the editor's benchmark setting). Its evaluator is the editing
+    evaluator (edit success, preservation, MSE) on held-out seeds of training instructions.
+    """
+
+    SEARCH_EDITS = 1000
+    conditions = 2
+
+    def __init__(self, scheduler: str | None = "ddim", image_guidance_scale: float | None = None, pipe=None):
+        import math
+
+        from agsearch.denoisers.edit import EditCondition, UNetEditDenoiser
+        from agsearch.models.shapes import edit_benchmark_settings, edits, load_edit_pipeline, scenes
+        from agsearch.seeds import SEARCH_SEED
+
+        if image_guidance_scale is None:
+            image_guidance_scale = float(edit_benchmark_settings()["image_guidance_scale"])
+        if not (isinstance(image_guidance_scale, (int, float)) and math.isfinite(image_guidance_scale)
+                and 0 <= image_guidance_scale <= 100):
+            raise ValueError(f"Expected model.image_guidance_scale to be a number in [0, 100], but got "
+                             f"{image_guidance_scale!r}")
+        self.image_guidance_scale = float(image_guidance_scale)
+        self.pipe = pipe if pipe is not None else load_edit_pipeline()
+        self.scheduler_name = scheduler or "ddim"
+        self.scheduler = make_scheduler(self.scheduler_name, dict(self.pipe.scheduler.config))
+        self.unet = self.pipe.unet.requires_grad_(False).eval()
+        self.edits = edits.eval_edits(self.SEARCH_EDITS, SEARCH_SEED, "train")
+        chunks = [self.edits[lo:lo + 250] for lo in range(0, len(self.edits), 250)]
+        parts = [EditCondition.from_pipeline(self.pipe, [e.text for e in chunk],
+                                             scenes.to_tensor(scenes.render_batch([e.source for e in chunk])))
+                 for chunk in chunks]
+        self.cond = EditCondition(*(torch.cat([getattr(c, f) for c in parts]) for f in
+                                    ("prompt_embeds", "negative_prompt_embeds", "image_latents")))
+        self.denoiser = UNetEditDenoiser(self.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
+        self.num_conditions = len(self.edits)
+        config = self.unet.config
+        self.latent_shape = (config.out_channels, config.sample_size, config.sample_size)
+
+    def evaluator(self, samples: int, seed: int, batch_size: int, device, progress: bool, clip=None):
+        """The editing evaluator on held-out seeds of training instructions."""
+        if clip is not None:
+            raise ValueError("eval.clip_weights applies to a pipeline folder's search; "
+                             "the shapes editor is scored exactly (edit success, preservation)")
+        from agsearch.eval.shapes_edit import ShapesEditEvaluator
+
+        return ShapesEditEvaluator(samples=samples, seed=seed, split="train", scheduler=self.scheduler_name,
+                                   batch_size=min(batch_size, 250), device=device, progress=progress, pipe=self.pipe)
+
+    def to(self, device) -> "ShapesEditBackend":
+        self.pipe.to(device)
+        self.cond = self.cond.to(device)
+        return self
+
+    def noise(self, seeds: torch.Tensor, device) -> torch.Tensor:
+        return make_noise([int(s) for s in seeds], self.latent_shape, device)
+
+    def condition(self, labels: torch.Tensor):
+        """The instructions and input images of edits ``labels`` (B,) as one ``EditCondition``."""
+        return self.cond[labels.to(self.cond.prompt_embeds.device)]
+
+    def provenance(self) -> dict:
+        return {"model": "agsearch-shapes-edit",
+                "pipeline": {"folder": "builtin:shapes_edit", "class": type(self.pipe).__name__,
+                             "prompts": f"{self.SEARCH_EDITS} training edits drawn by seed 0",
+                             "num_prompts": self.SEARCH_EDITS, "image_guidance_scale": self.image_guidance_scale}}
+
+
 def load_backend(model: str, scheduler: str | None, pipeline: str | None = None, prompts: str | None = None,
-                 size: tuple[int | None, int | None, int | None] = (None, None, None)):
+                 size: tuple[int | None, int | None, int | None] = (None, None, None),
+                 image_guidance_scale: float | None = None):
+    if image_guidance_scale is not None and model != "shapes_edit":
+        raise ValueError(f"model.image_guidance_scale is the image scale of an editor (model shapes_edit); "
+                         f"model {model!r} guides on one condition")
+    if model == "shapes_edit":
+        return ShapesEditBackend(scheduler, image_guidance_scale)
     if model == "digits":
         return DigitsBackend(scheduler)
     if model == "shapes":

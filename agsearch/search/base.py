@@ -17,13 +17,14 @@ class NonFiniteLossError(RuntimeError):
 def resolve_run(model: str | None, pipeline: str | None, prompts: str | None, scheduler: str | None,
                 num_inference_steps: int | None, guidance_scale: float | None) -> tuple[str, str, int, float]:
     """(model, scheduler, T, w) of a run. ``model=None`` (the default) is the built-in shapes
-    pipeline, or ``pipeline`` for a folder given by ``pipeline``; unset settings take the model's
-    benchmark (or pipeline) defaults."""
+    pipeline (``builtin:shapes_edit``: the built-in editor), or ``pipeline`` for a folder given by
+    ``pipeline``; unset settings take the model's benchmark (or pipeline) defaults."""
     if model is None:
-        model = "shapes" if pipeline in (None, "builtin:shapes") else "pipeline"
-    check(model != "shapes" or pipeline in (None, "builtin:shapes"),
-          f"model.model=shapes is the built-in pipeline; model.pipeline={pipeline} names another "
-          "(leave model.model unset for a folder)")
+        model = {None: "shapes", "builtin:shapes": "shapes", "builtin:shapes_edit": "shapes_edit"}.get(pipeline, "pipeline")
+    for name in ("shapes", "shapes_edit"):
+        check(model != name or pipeline in (None, f"builtin:{name}"),
+              f"model.model={name} is the built-in pipeline builtin:{name}; model.pipeline={pipeline} names another "
+              "(leave model.model unset for a folder)")
     check(model != "digits" or pipeline is None,
           f"model.model=digits is the built-in class-conditional UNet; model.pipeline={pipeline} names a "
           "pipeline (leave model.model unset for a folder)")
@@ -80,6 +81,14 @@ def model_settings(model: str, pipeline: str | None = None, prompts: str | None 
 
             read_captions(prompts)  # a caption the grammar cannot parse fails here, with the line and word
         settings = benchmark_settings()
+        return {k: settings[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")}
+    if model == "shapes_edit":
+        from agsearch.models.shapes import edit_benchmark_settings
+
+        if prompts is not None:
+            raise ValueError(f"model.prompts={prompts}: the shapes editor searches on its own training edits "
+                             "(leave model.prompts unset)")
+        settings = edit_benchmark_settings()
         return {k: settings[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")}
     if model == "pipeline":
         from agsearch.search.backends import pipeline_settings

@@ -53,6 +53,18 @@ def ag_at_nfe(evaluator, steps: int, scale: float, nfe: float, space: str = "x0"
     return best
 
 
+def edit_baselines(steps: int, scale: float, image_scale: float, nfe: int) -> list[Policy]:
+    """The two-condition cutoffs at most ``nfe`` NFE: full guidance for the first k steps, then
+    ``cond`` (T + 2k NFE), and the image-cutoff, full guidance then text guidance (2T + k NFE),
+    each with the largest k that fits."""
+    out = []
+    for name, base, per in (("cutoff", steps, 2), ("image-cutoff", 2 * steps, 1)):
+        k = min(steps, (nfe - base) // per)
+        if k >= 0:
+            out.append(make_baseline(name, steps, scale, fraction=k / steps, image_scale=image_scale))
+    return out
+
+
 def compare_with_baselines(evaluator, module, policy: Policy, baselines: bool = True, intervals: bool = True) -> list[dict]:
     """The end of a search run: records (with a ``role``) of full CFG, the searched policy and the
     baselines at its NFE on ``evaluator``'s held-out noise and conditions.
@@ -61,10 +73,15 @@ def compare_with_baselines(evaluator, module, policy: Policy, baselines: bool = 
     same calibration pairs; for a static one, the cutoff and, with ``intervals``, the best of every
     guidance interval at the same NFE."""
     T, w = module.num_inference_steps, module.guidance_scale
-    teacher, searched = evaluator.records([Policy.static(["cfg"] * T, w, name="full CFG"), policy])
+    full = module.teacher_policy() if hasattr(module, "teacher_policy") else Policy.static(["cfg"] * T, w)
+    full = Policy.from_dict({**full.to_dict(), "name": "full CFG" if policy.conditions == 1 else "full guidance"})
+    teacher, searched = evaluator.records([full, policy])
     records = [{**teacher, "role": "teacher"}, {**searched, "role": "searched"}]
     if not baselines:
         return records
+    if policy.conditions == 2:
+        found = edit_baselines(T, w, policy.image_guidance_scale, policy.nfe)
+        return records + [{**r, "role": p.provenance["baseline"]} for p, r in zip(found, evaluator.records(found))]
     if policy.kind == "adaptive":
         from agsearch.search.thresholds import calibrated_ag
 

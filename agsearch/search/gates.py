@@ -222,6 +222,7 @@ class PolicySearchModule(SearchBase):
         polish_rounds: int = 1,
         polish_from: str = "leader",
         affine_lr: float = 1e-3,
+        image_guidance_scale: float | None = None,
     ):
         if is_adaptive(space):
             from agsearch.search.space import SpaceError
@@ -281,7 +282,9 @@ class PolicySearchModule(SearchBase):
         self.register_buffer("dual", torch.zeros(()))  # λ ≥ 0
         self.register_buffer("loss_scale", torch.zeros(()))  # d₀, set at the first step
         self.backend = load_backend(model, scheduler, pipeline, prompts,  # frozen, not a submodule: not in checkpoints
-                                    size=(height, width, num_frames))
+                                    size=(height, width, num_frames), image_guidance_scale=image_guidance_scale)
+        if getattr(self.backend, "image_guidance_scale", None) is not None:  # the editor's s_I, resolved
+            self.hparams.update(image_guidance_scale=float(self.backend.image_guidance_scale))
         conditions = getattr(self.backend, "conditions", 1)
         check(conditions == self.space.conditions,
               f"space {self.space.name!r} has {'two-condition (editing)' if self.space.conditions == 2 else 'one-condition'} "
@@ -630,7 +633,7 @@ def _affine_coefficients(entry: dict, T: int, guidance_scale: float, model: str 
 
     source = entry.get("coefficients", "builtin")
     if source == "builtin" and model not in BUILTIN_MODELS:  # never another model's coefficients
-        raise AffineError(f"the space's affine op uses a built-in model's shipped LinearAG coefficients; for a "
+        raise AffineError("the space's affine op uses a built-in model's shipped LinearAG coefficients; for a "
                           "pipeline folder, fit its own and name that file in the space's 'coefficients'")
     document = load_builtin(model) if source == "builtin" else load_coefficients(source)
     check_matches(document, T, guidance_scale, "builtin" if source == "builtin" else source)

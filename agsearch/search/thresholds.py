@@ -297,6 +297,9 @@ class ThresholdSearchModule(SearchBase):
         self.register_buffer("initialised", torch.tensor(init != "budget"))
         self.backend = load_backend(model, scheduler, pipeline, prompts,  # frozen, not a submodule: not in checkpoints
                                     size=(height, width, num_frames))
+        check(getattr(self.backend, "conditions", 1) == 1,
+              f"the adaptive spaces gate full CFG against cond on one condition; model {model!r} is an image "
+              "editor (two conditions): search it with a two-condition space such as editing")
         self._tables: dict[int, Outcomes] = {}  # per noise seed, rows of (1, T)
         self._calibration: dict[tuple[int, int], torch.Tensor] = {}
         self.last_guided = torch.ones(T, dtype=torch.float64)  # share of the batch still guided per step

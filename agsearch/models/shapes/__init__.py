@@ -35,6 +35,7 @@ PIPELINE_DIR = WEIGHTS_DIR / "shapes"
 EDIT_PIPELINE_DIR = WEIGHTS_DIR / "shapes_edit"
 SCORER_FILE = WEIGHTS_DIR / "shapes_scorer.safetensors"
 BENCHMARK_FILE = WEIGHTS_DIR / "shapes_benchmark.json"  # written by experiments/calibrate_shapes.py
+EDIT_BENCHMARK_FILE = WEIGHTS_DIR / "shapes_edit_benchmark.json"  # written by experiments/calibrate_shapes_edit.py
 BUILTIN_PREFIX = "builtin:"
 
 TOKENIZER_MAX_LENGTH = 32  # the longest caption is 14 tokens with BOS/EOS; SD's 77 would only pad
@@ -141,6 +142,24 @@ def load_edit_pipeline(device="cpu", dtype=torch.float32, progress: bool = False
     return pipe.to(device)
 
 
+def edit_unet(unet):
+    """InstructPix2Pix's UNet from a text-to-image one: ``in_channels`` doubled, every weight copied,
+    the new input channels of ``conv_in`` zero (the image channels, after the noisy latent's)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(unet.config, in_channels=2 * unet.config.in_channels)
+    edit = UNet2DConditionModel.from_config(config).to(unet.device)
+    state = unet.state_dict()
+    weight = state.pop("conv_in.weight")  # (C_out, C_in, 3, 3)
+    missing, unexpected = edit.load_state_dict(state, strict=False)
+    if missing != ["conv_in.weight"] or unexpected:
+        raise ValueError(f"the UNets differ beyond conv_in: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        edit.conv_in.weight.zero_()
+        edit.conv_in.weight[:, : weight.shape[1]] = weight
+    return edit
+
+
 def benchmark_settings() -> dict:
     """The benchmark protocol's settings for the shapes model (scheduler, steps, best scale).
 
@@ -151,6 +170,17 @@ def benchmark_settings() -> dict:
     if BENCHMARK_FILE.is_file():
         return json.loads(BENCHMARK_FILE.read_text("utf-8"))
     return {"scheduler": "ddim", "num_inference_steps": 25, "guidance_scale": 5.0}
+
+
+def edit_benchmark_settings() -> dict:
+    """The benchmark protocol's settings for the shapes editor (scheduler, steps, the text and image
+    guidance scales s_T and s_I). Written by ``experiments/calibrate_shapes_edit.py`` after its
+    scale sweep; InstructPix2Pix's image scale and this model's text scale until then."""
+    import json
+
+    if EDIT_BENCHMARK_FILE.is_file():
+        return json.loads(EDIT_BENCHMARK_FILE.read_text("utf-8"))
+    return {"scheduler": "ddim", "num_inference_steps": 25, "guidance_scale": 4.0, "image_guidance_scale": 1.5}
 
 
 # --- the scorer ------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Editing evaluation and search on the shapes editor (the untrained editor: the mechanics, at real sizes)."""
+
+import pytest
+import torch
+
+import agsearch.models.shapes as shapes
+from agsearch.cli import main
+from agsearch.policy import Policy, PolicyError
+from agsearch.testing import untrained_shapes_editor
+
+
+@pytest.fixture(scope="module")
+def editor():
+    return untrained_shapes_editor()
+
+
+@pytest.fixture
+def builtin_editor(monkeypatch, editor):
+    """``builtin:shapes_edit`` is the untrained editor (the trained one may not be shipped)."""
+    monkeypatch.setattr(shapes, "load_edit_pipeline", lambda device="cpu", **_: editor.to(device))
+    return editor
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def edit_policy(ops, scale=4.0, image_scale=1.5):
+    return Policy.static(ops, scale, image_guidance_scale=image_scale, conditions=2)
+
+
+def test_the_edit_evaluator_counts_passes_scores_edits_and_compares_with_full_guidance(editor):
+    from agsearch.eval.shapes_edit import ShapesEditEvaluator
+
+    ev = ShapesEditEvaluator(samples=6, batch_size=4, pipe=editor, progress=False)
+    assert [e.instruction.kind for e in ev.edits[:4]] == ["recolour", "move", "add", "remove"]
+    assert all(e.instruction.held_out() for e in ev.edits)
+    full, cond, text = ev.records([edit_policy(["edit"] * 3), edit_policy(["cond"] * 3),
+                                   edit_policy(["edit", "text", "text"])])
+    assert (full["nfe"], cond["nfe"], text["nfe"]) == (9, 3, 7)
+    assert full["mse"] == 0 and cond["mse"] > 0
+    assert text["mse"] < 1e-10  # the untrained editor is blind to the image: ε_I = ε_∅, so text guidance is full guidance
+    for r in (full, cond, text):
+        assert 0 <= r["edited"] <= min(r["edit_success"], r["preservation"]) <= 1
+        assert r["edits"] == "heldout" and r["image_guidance_scale"] == 1.5 and r["samples"] == 6
+        assert {f"edit_success_{k}" for k in shapes.edits.KINDS} <= set(r)
+    for batch_size in (6, 2):  # batches do not matter
+        again = ShapesEditEvaluator(samples=6, batch_size=batch_size, pipe=editor, progress=False)
+        assert again.record(edit_policy(["cond"] * 3))["mse"] == pytest.approx(cond["mse"], rel=1e-4)
+    with pytest.raises(PolicyError, match="two conditions"):
+        ev.record(Policy.static(["cfg"] * 3, 4.0))
+    with pytest.raises(ValueError, match="unknown edit split"):
+        ShapesEditEvaluator(samples=2, split="all", pipe=editor)
+
+
+def tiny_edit_search(tmp_path, *extra):
+    return ["search", "--model.model=shapes_edit", "--model.space=editing", "--model.num_inference_steps=4",
+            "--data.num_pairs=4", "--data.batch_size=2", "--data.num_val=2", "--trainer.max_steps=2",
+            "--eval.samples=4", "--wandb.mode=disabled", "--progress=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}", *extra]
+
+
+def test_search_on_the_shapes_editor_exports_a_two_condition_policy(tmp_path, capsys, builtin_editor):
+    out = tmp_path / "policy.json"
+    code, stdout, err = run(capsys, *tiny_edit_search(tmp_path, "--model.budget=8", "--model.image_guidance_scale=1.25",
+                                                      f"--out={out}"))
+    assert code == 0, err
+    policy = Policy.load(out)
+    assert policy.conditions == 2 and policy.image_guidance_scale == 1.25 and policy.nfe <= 8
+    assert all(s["op"] in ("edit", "text", "joint", "cond") for s in policy.steps)
+    assert policy.provenance["model"] == "agsearch-shapes-edit"
+    assert policy.metrics["eval"]["edits"] == "train"
+    assert "edit success %" in stdout and "full guidance" in stdout and "cutoff-" in stdout, stdout
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--model.model=shapes_edit", "--model.space=minimal", "--model.budget=6"], "two conditions"),
+    (["--model.pipeline=builtin:shapes", "--model.space=minimal", "--model.budget=6",
+      "--model.image_guidance_scale=1.5"], "image_guidance_scale"),
+    (["--model.model=shapes_edit", "--model.space=editing", "--model.budget=13"], "between 4 and 12"),
+    (["--model.model=shapes_edit", "--model.space=adaptive_cosine", "--model.budget=6"], "two-condition space"),
+])
+def test_a_refused_edit_search_is_one_line_and_leaves_no_run(tmp_path, capsys, builtin_editor, extra, needle):
+    argv = [a for a in tiny_edit_search(tmp_path) if not a.startswith(("--model.model", "--model.space"))]
+    code, _, err = run(capsys, *argv, *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_search_backend_encodes_its_training_edits_once(builtin_editor):
+    from agsearch.search.backends import ShapesEditBackend
+
+    backend = ShapesEditBackend()
+    assert backend.conditions == 2 and backend.num_conditions == len(backend.edits) == 1000
+    assert not any(e.instruction.held_out() for e in backend.edits)
+    cond = backend.condition(torch.tensor([0, 999]))
+    assert cond.image_latents.shape == (2, 8, 8, 8) and cond.prompt_embeds.shape[0] == 2
+    assert backend.noise(torch.tensor([3]), "cpu").shape == (1, 8, 8, 8)

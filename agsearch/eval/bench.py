@@ -76,7 +76,7 @@ def suite_records(evaluator, suite) -> list[dict]:
     records = evaluator.records([policy for _, policy in suite])
     for (family, policy), record in zip(suite, records):
         record["family"] = family
-        if policy.rule is not None:
+        if policy.rule is not None and "threshold" in policy.rule:  # searched rules have per-step thresholds
             record["threshold"] = policy.rule["threshold"]
     return records
 

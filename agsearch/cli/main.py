@@ -277,29 +277,20 @@ def cmd_bench(args) -> int:
     args.out_dir = args.out_dir or Path({"shapes": "results/shapes", "shapes_edit": "results/shapes_edit"}.get(
         args.model, "results"))
     _check_out(args.out_dir / "benchmark.md")
-    if args.model == "shapes_edit":
+    if args.model in ("shapes", "shapes_edit"):
         from agsearch.eval.shapes import max_batch
-        from agsearch.eval.shapes_edit_bench import run_edit_benchmark
 
+        if args.model == "shapes":
+            from agsearch.eval.shapes_bench import run_shapes_benchmark as run
+        else:
+            from agsearch.eval.shapes_edit_bench import run_edit_benchmark as run
         if args.merge or args.records:
             raise UserError("--merge and --records are options of the digits benchmark; "
                             "pass the policies to add with --policy")
-        run_edit_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
-                           batch_size=min(args.batch_size, max_batch(args.device)), device=args.device,
-                           progress=not args.no_progress, quick=args.quick, policies=args.policy,
-                           families=args.families, resume=args.resume)
-        return 0
-    if args.model == "shapes":
-        from agsearch.eval.shapes import max_batch
-        from agsearch.eval.shapes_bench import run_shapes_benchmark
-
-        if args.merge or args.records:
-            raise UserError("--merge and --records are options of the digits benchmark; "
-                            "pass the policies to add with --policy")
-        run_shapes_benchmark(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
-                             batch_size=min(args.batch_size, max_batch(args.device)), device=args.device,
-                             progress=not args.no_progress, quick=args.quick, policies=args.policy,
-                             families=args.families, resume=args.resume)
+        run(out_dir=args.out_dir, samples=args.samples, seed=args.seed,
+            batch_size=min(args.batch_size, max_batch(args.device)), device=args.device,
+            progress=not args.no_progress, quick=args.quick, policies=args.policy,
+            families=args.families, resume=args.resume)
         return 0
     if args.resume:
         raise UserError("--resume is an option of the shapes benchmarks (--model shapes or shapes_edit)")

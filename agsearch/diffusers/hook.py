@@ -282,19 +282,26 @@ class PolicyRunner:
             raise ValueError(f"the denoiser ran twice in step {self.step}; only one denoiser call per step is supported")
         return self._batched_call(key, bound, x_in)
 
-    def _plan(self, n: int, x_in: torch.Tensor) -> _Step:
-        """The ops of step ``self.step`` for ``n`` samples and the passes they need."""
-        i = self.step
-        timesteps = self.pipe.scheduler.timesteps
+    def _controller_plan(self, n: int, device):
+        """The controller's plan of step ``self.step`` for ``n`` samples; at step 0 the policy is fitted to
+        the call's number of steps and its controller made."""
+        i, timesteps = self.step, self.pipe.scheduler.timesteps
         if i >= len(timesteps):
             raise ValueError(f"the denoiser ran at step {i + 1} of a {len(timesteps)}-step call; "
                              "only one step per scheduler step is supported")
         if i == 0:
             policy = self.policy.for_steps(len(timesteps), self.resample)
             self.controller = controller_for(policy)
-            self.default_scale = float(policy.guidance_scale)
-        device = x_in.device
-        plan = self.controller.plan(i, n, device)
+            self._start_policy(policy)
+        return self.controller.plan(i, n, device)
+
+    def _start_policy(self, policy: Policy) -> None:
+        self.default_scale = float(policy.guidance_scale)
+
+    def _plan(self, n: int, x_in: torch.Tensor) -> _Step:
+        """The ops of step ``self.step`` for ``n`` samples and the passes they need."""
+        i, device = self.step, x_in.device
+        plan = self._controller_plan(n, device)
         ops, scales = self._chosen(plan)
         need = torch.tensor([op_passes(op) for op in ops], device=device)  # (N, 2): cond, uncond
         avail = self._availability(ops) if self._carries_estimates else None
@@ -309,7 +316,7 @@ class PolicyRunner:
         self.nfe = (self.nfe if self.nfe is not None else 0) + need.sum(dim=1).float()
         self.ops.append([op["op"] for op in ops])
         self._plan_obj = plan
-        return _Step(i, ops, scales, need, x_in, timesteps[i])
+        return _Step(i, ops, scales, need, x_in, self.pipe.scheduler.timesteps[i])
 
     def _availability(self, ops: list[dict]) -> torch.Tensor:
         """(N,) p of each sample's op: whether the past estimates its affine map needs are there
@@ -500,6 +507,9 @@ class EditRunner(PolicyRunner):
     ``forward_rows`` report as in :class:`PolicyRunner`."""
 
 
+    def _start_policy(self, policy: Policy) -> None:
+        self.scales = float(policy.guidance_scale), float(policy.image_guidance_scale)
+
     def _call(self, key: int, *args, **kwargs):
         if self.step is None:  # the denoiser called outside a pipeline call: leave it alone
             return self._forwards[key](*args, **kwargs)
@@ -509,15 +519,8 @@ class EditRunner(PolicyRunner):
         x_in = next(iter(bound.arguments.values()))  # the noisy latent and the image latent, on channels
         three = bool(self.pipe.do_classifier_free_guidance)
         n = x_in.shape[0] // 3 if three else x_in.shape[0]
-        i, timesteps = self.step, self.pipe.scheduler.timesteps
-        if i >= len(timesteps):
-            raise ValueError(f"the denoiser ran at step {i + 1} of a {len(timesteps)}-step call; "
-                             "only one step per scheduler step is supported")
-        if i == 0:
-            policy = self.policy.for_steps(len(timesteps), self.resample)
-            self.controller = controller_for(policy)
-            self.scales = float(policy.guidance_scale), float(policy.image_guidance_scale)
-        plan = self.controller.plan(i, n, x_in.device)
+        i = self.step
+        plan = self._controller_plan(n, x_in.device)
         ops = [plan.ops[k] for k in plan.weights.argmax(dim=1).tolist()]
         need = torch.tensor([edit_op_passes(op) for op in ops], device=x_in.device)  # (N, 3): full, image, none
         if not three and bool(need[:, 1:].any()):

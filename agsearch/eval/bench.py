@@ -93,6 +93,39 @@ def _builtin_affine(steps: int, scale: float, model: str = "digits") -> dict | N
     return document
 
 
+FAMILY_ORDER = ("cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff",
+                "policy file")  # the order of a benchmark page's sections
+
+
+def family_tables(records: list[dict], families, heading: str = "##") -> list[str]:
+    """A benchmark page's sections: a table per family of ``families`` that has records, most NFE first."""
+    md = []
+    for family in families:
+        rows = sorted((r for r in records if r["family"] == family), key=lambda r: -r["nfe"])
+        if rows:
+            md += [f"{heading} {family}", "", format_table(rows), ""]
+    return md
+
+
+def plot_front(ax, records: list[dict], metric: str, styles: dict[str, str], ylabel: str,
+               xlabel: str = "mean NFE per sample") -> None:
+    """One panel of a benchmark's fronts: ``metric`` against NFE, a line per family of ``styles``.
+
+    A rate (in [0, 1]) is drawn in percent; ``mse`` on a log axis, without the reference itself
+    (MSE 0 has no place there)."""
+    for family, style in styles.items():
+        chosen = sorted((r for r in records if r["family"] == family and (metric != "mse" or r["mse"])),
+                        key=lambda r: r["nfe"])
+        if chosen:
+            values = [r[metric] if metric == "mse" else 100 * r[metric] for r in chosen]
+            ax.plot([r["nfe"] for r in chosen], values, style, label=family, ms=12 if "*" in style else 6)
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def plot_fronts(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -100,19 +133,8 @@ def plot_fronts(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for family, style in FAMILY_STYLES.items():
-        rows = sorted((r for r in records if r["family"] == family), key=lambda r: r["nfe"])
-        if not rows:
-            continue
-        nfe = [r["nfe"] for r in rows]
-        axes[0].plot(nfe, [100 * r["accuracy"] for r in rows], style, label=family, ms=6 if "*" not in style else 12)
-        axes[1].plot(nfe, [max(r["mse"], 1e-7) for r in rows], style, label=family, ms=6 if "*" not in style else 12)
-    axes[0].set_ylabel("class accuracy (%)")
-    axes[1].set_ylabel("MSE to full CFG (same noise)")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("mean NFE per sample")
-        ax.grid(alpha=0.3)
+    plot_front(axes[0], records, "accuracy", FAMILY_STYLES, "class accuracy (%)")
+    plot_front(axes[1], records, "mse", FAMILY_STYLES, "MSE to full CFG (same noise)")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -277,12 +299,7 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         "![accuracy and MSE against NFE](fronts.png)",
         "",
     ]
-    order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff",
-             "policy file"]
-    for family in order:
-        rows = sorted((r for r in records if r["family"] == family), key=lambda r: -r["nfe"])
-        if rows:
-            md += [f"## {family}", "", format_table(rows), ""]
+    md += family_tables(records, FAMILY_ORDER)
     atomic_write_text(out_dir / "benchmark.md", "\n".join(md))
     atomic_write_text(out_dir / "benchmark.json", json.dumps(
         {"command": commands[0], "commands": commands, "settings": settings, "samples": samples, "seed": seed, "records": records},

@@ -26,9 +26,12 @@ from pathlib import Path
 
 from agsearch.eval.base import is_full_cfg
 from agsearch.eval.bench import (
+    FAMILY_ORDER,
     FAMILY_STYLES,
     benchmark_suite,
+    family_tables,
     plot_cosine,
+    plot_front,
     save_figure,
     select_families,
     suite_records,
@@ -109,19 +112,13 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
         md += _key_rows(rows, SPLIT_TITLES[split])
     md += ["", "![adherence and MSE against NFE](fronts.png)", "",
            f"![samples: {', '.join(grid)}](grid.png)", ""]
-    order = ["cfg", "cond", "alternating", "cutoff", "interval", "ag-x0", "ag-eps", "linear-ag", "affine-cutoff",
-             "policy file"]
     for split, rows in records.items():
         table = _matched_table(rows)
         if table:
             md += [f"## Policy files against the baselines at their NFE, {SPLIT_TITLES[split]}", "",
                    "Adherence % / MSE to full CFG; the best interval is chosen on these samples.", "", *table, ""]
     for split, rows in records.items():
-        md += [f"## {SPLIT_TITLES[split].capitalize()}", ""]
-        for family in order:
-            chosen = sorted((r for r in rows if r["family"] == family), key=lambda r: -r["nfe"])
-            if chosen:
-                md += [f"### {family}", "", format_table(chosen), ""]
+        md += [f"## {SPLIT_TITLES[split].capitalize()}", "", *family_tables(rows, FAMILY_ORDER, heading="###")]
     atomic_write_text(out_dir / "benchmark.md", "\n".join(md))
     atomic_write_text(out_dir / "benchmark.json", json.dumps(
         {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records},
@@ -248,21 +245,9 @@ def plot_fronts(records: dict[str, list[dict]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, len(records), figsize=(5.6 * len(records), 8), squeeze=False)
     for col, (split, rows) in enumerate(records.items()):
         top, bottom = axes[0, col], axes[1, col]
-        for family, style in FAMILY_STYLES.items():
-            chosen = sorted((r for r in rows if r["family"] == family), key=lambda r: r["nfe"])
-            if not chosen:
-                continue
-            nfe, size = [r["nfe"] for r in chosen], 12 if "*" in style else 6
-            top.plot(nfe, [100 * r["adherence"] for r in chosen], style, label=family, ms=size)
-            compared = [r for r in chosen if r["mse"]]  # full CFG itself (MSE 0) has no place on a log axis
-            bottom.plot([r["nfe"] for r in compared], [r["mse"] for r in compared], style, label=family, ms=size)
+        plot_front(top, rows, "adherence", FAMILY_STYLES, "prompt adherence (%)")
+        plot_front(bottom, rows, "mse", FAMILY_STYLES, "MSE to full CFG (same noise)")
         top.set_title(SPLIT_TITLES[split], fontsize=10)
-        top.set_ylabel("prompt adherence (%)")
-        bottom.set_ylabel("MSE to full CFG (same noise)")
-        bottom.set_yscale("log")
-        for ax in (top, bottom):
-            ax.set_xlabel("mean NFE per sample")
-            ax.grid(alpha=0.3)
         top.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -31,14 +31,18 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from agsearch.eval.bench import save_figure, select_families, suite_records
+from agsearch.eval.bench import family_tables, plot_front, save_figure, select_families, suite_records
 from agsearch.eval.records import format_table
 from agsearch.eval.shapes_bench import CHECKPOINT_POLICIES, _read_partial
 from agsearch.io import atomic_write_text
 from agsearch.policy import Policy
+
+if TYPE_CHECKING:
+    from agsearch.eval.shapes_edit import ShapesEditEvaluator
 
 CUTOFF_STEPS = (2, 4, 6, 8, 10, 12, 15, 20)  # full-guidance steps of the cutoffs (of 25)
 IMAGE_CUTOFF_STEPS = (2, 4, 8, 12, 16, 20)
@@ -111,10 +115,7 @@ def run_edit_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_
           "success: the scorer reads the edited region as the target; preserved: the rest of the image as the",
           "source; both: the two at once.", "", *key_rows(records), "", "![edit success and MSE against NFE](fronts.png)",
           "", f"![edits: {', '.join(grid)}](grid.png)", ""]
-    for family in FAMILY_STYLES:
-        chosen = sorted((r for r in records if r["family"] == family), key=lambda r: -r["nfe"])
-        if chosen:
-            md += [f"## {family}", "", format_table(chosen), ""]
+    md += family_tables(records, FAMILY_STYLES)
     atomic_write_text(out_dir / "benchmark.md", "\n".join(md))
     atomic_write_text(out_dir / "benchmark.json", json.dumps(
         {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records},
@@ -169,20 +170,9 @@ def plot_fronts(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for family, style in FAMILY_STYLES.items():
-        chosen = sorted((r for r in records if r["family"] == family), key=lambda r: r["nfe"])
-        if not chosen:
-            continue
-        nfe, size = [r["nfe"] for r in chosen], 12 if "*" in style else 6
-        axes[0].plot(nfe, [100 * r["edit_success"] for r in chosen], style, label=family, ms=size)
-        axes[1].plot(nfe, [100 * r["edited"] for r in chosen], style, label=family, ms=size)
-        compared = [r for r in chosen if r["mse"]]  # full guidance itself (MSE 0) has no place on a log axis
-        axes[2].plot([r["nfe"] for r in compared], [r["mse"] for r in compared], style, label=family, ms=size)
-    for ax, label in zip(axes, ("edit success (%)", "edit done and the rest kept (%)", "MSE to full guidance")):
-        ax.set_xlabel("mean NFE per edit")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[2].set_yscale("log")
+    for ax, metric, label in zip(axes, ("edit_success", "edited", "mse"),
+                                 ("edit success (%)", "edit done and the rest kept (%)", "MSE to full guidance")):
+        plot_front(ax, records, metric, FAMILY_STYLES, label, xlabel="mean NFE per edit")
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -105,7 +105,21 @@ def pipeline_settings(pipeline: str, prompts: str | None) -> dict:
     return {"scheduler": None, "num_inference_steps": SEARCH_STEPS, "guidance_scale": float(scale)}
 
 
-class TextPipelineBackend:
+class PrecomputedConditions:
+    """A pipeline backend's noise and conditions: ``self.cond`` holds every condition encoded once
+    (a ``TextCondition`` or an ``EditCondition``), indexed by label; noise has ``self.latent_shape``."""
+
+    latent_shape: tuple[int, ...]
+
+    def noise(self, seeds: torch.Tensor, device) -> torch.Tensor:
+        return make_noise([int(s) for s in seeds], self.latent_shape, device)
+
+    def condition(self, labels: torch.Tensor):
+        """The conditions of labels ``labels`` (B,) as one condition of batch B."""
+        return self.cond[labels.to(self.cond.prompt_embeds.device)]
+
+
+class TextPipelineBackend(PrecomputedConditions):
     """A local diffusers text-to-image pipeline folder and a prompt file.
 
     The pipeline is loaded with ``local_files_only`` (nothing is downloaded); its prompts are
@@ -211,13 +225,6 @@ class TextPipelineBackend:
         self.cond = self.cond.to(device)
         return self
 
-    def noise(self, seeds: torch.Tensor, device) -> torch.Tensor:
-        return make_noise([int(s) for s in seeds], self.latent_shape, device)
-
-    def condition(self, labels: torch.Tensor):
-        """The embeddings of prompts ``labels`` (B,) as one ``TextCondition`` of batch B."""
-        return self.cond[labels.to(self.cond.prompt_embeds.device)]
-
     def provenance(self) -> dict:
         return {"model": str(self.folder.resolve()),
                 "pipeline": {"folder": str(self.folder.resolve()), "class": self.class_name,
@@ -275,7 +282,7 @@ class ShapesBackend(TextPipelineBackend):
                                                           "prompts": captions, "num_prompts": len(self.prompts)}}
 
 
-class ShapesEditBackend:
+class ShapesEditBackend(PrecomputedConditions):
     """The built-in shapes editor (``builtin:shapes_edit``, an InstructPix2Pix pipeline) on its
     training instructions: a backend of two conditions (``conditions = 2``).
 
@@ -334,13 +341,6 @@ class ShapesEditBackend:
         self.pipe.to(device)
         self.cond = self.cond.to(device)
         return self
-
-    def noise(self, seeds: torch.Tensor, device) -> torch.Tensor:
-        return make_noise([int(s) for s in seeds], self.latent_shape, device)
-
-    def condition(self, labels: torch.Tensor):
-        """The instructions and input images of edits ``labels`` (B,) as one ``EditCondition``."""
-        return self.cond[labels.to(self.cond.prompt_embeds.device)]
 
     def provenance(self) -> dict:
         return {"model": "agsearch-shapes-edit",

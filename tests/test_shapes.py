@@ -266,6 +266,9 @@ def test_shapes_benchmark_resumes_from_its_last_checkpoint(tmp_path, capsys, mon
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(resumed["train"]) == drop(fresh["train"]) and drop(resumed["heldout"]) == drop(fresh["heldout"])
     assert not any(p.name.endswith(".partial.json") for p in (tmp_path / "cut").iterdir())
+    # a resumed run may add policies: the records of the policies both suites start with are kept
+    assert bench(tmp_path / "grow", "--families", "cfg", "cond", stop=2) == 130  # held-out set done, Ctrl-C in train
+    assert bench(tmp_path / "grow", "--resume") == 0 and calls[0] == ("heldout", per_set - 2)
 
 
 def test_eval_with_a_bad_caption_file_exits_2_and_writes_nothing(tmp_path, capsys):

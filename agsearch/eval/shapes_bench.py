@@ -57,8 +57,8 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
 
     Each caption set is checkpointed in ``out_dir/benchmark.<set>.partial.json`` after every
     :data:`CHECKPOINT_POLICIES` policies, until the tables are written; with ``resume``, the records
-    a file of the same protocol (samples, seed, policies) holds are taken from it and the run goes
-    on with the policies after them."""
+    a file of the same samples, seed and settings holds for the policies this suite starts with are
+    taken from it and the run goes on with the policies after them (so policy files may be added)."""
     from agsearch.eval.shapes import ShapesEvaluator
     from agsearch.models.shapes import benchmark_settings, load_pipeline, load_scorer
 
@@ -132,19 +132,28 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
 
 
 def _read_partial(path: Path, protocol: dict) -> tuple[list[dict], tuple | None]:
-    """(records, cosines) an earlier run of ``protocol`` left for a caption set: the records of the
-    suite's first policies (all of them once the set is finished) and full CFG's γ_t (None until
-    its group ran); ([], None) when there is nothing to take."""
+    """(records, cosines) an earlier run left for a caption set under the same samples, seed and
+    settings: the records of the longest run of policies both suites start with (so a resumed run
+    may add or change policies after them), and full CFG's γ_t (None until its group ran); ([], None)
+    when there is nothing to take."""
     import torch
 
     try:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         return [], None  # absent, or cut short: evaluate again
-    if kept.get("protocol") != json.loads(json.dumps(protocol)):
+    old, new = kept.get("protocol") or {}, json.loads(json.dumps(protocol))
+    if {k: v for k, v in old.items() if k != "policies"} != {k: v for k, v in new.items() if k != "policies"}:
+        return [], None
+    shared = 0
+    for before, now, _ in zip(old.get("policies", []), new["policies"], kept["records"]):
+        if before != now:
+            break
+        shared += 1
+    if not shared:
         return [], None
     cosines = kept.get("cosines")
-    return kept["records"], None if cosines is None else tuple(torch.tensor(c) for c in cosines)
+    return kept["records"][:shared], None if cosines is None else tuple(torch.tensor(c) for c in cosines)
 
 
 def budget_baselines(suite, steps: int, scale: float) -> list[tuple[str, Policy]]:

@@ -493,3 +493,17 @@ class Policy:
                 "/num_inference_steps",
             )
         return self.resample(num_inference_steps)
+
+
+def load_policies(paths, steps: int, conditions: int, what: str, resample: bool = False) -> list[Policy]:
+    """The policy files ``paths``, each checked to guide on ``conditions`` conditions (``what`` names
+    the model) and fitted to ``steps`` steps, all before any sampling; a :class:`PolicyError` names
+    the file."""
+    policies = []
+    for path in paths:
+        policy = Policy.load(path)
+        try:
+            policies.append(policy.require_conditions(conditions, what).for_steps(steps, resample))
+        except PolicyError as e:
+            raise PolicyError(e.reason, e.pointer, str(path)) from None
+    return policies

@@ -98,3 +98,35 @@ def test_the_search_backend_encodes_its_training_edits_once(builtin_editor):
     cond = backend.condition(torch.tensor([0, 999]))
     assert cond.image_latents.shape == (2, 8, 8, 8) and cond.prompt_embeds.shape[0] == 2
     assert backend.noise(torch.tensor([3]), "cpu").shape == (1, 8, 8, 8)
+
+
+def test_the_edit_benchmark_writes_its_files_and_the_cheapest_policy_within_a_point(tmp_path, capsys, builtin_editor):
+    searched = tmp_path / "searched.json"
+    edit_policy(["edit"] * 10 + ["text"] * 5 + ["cond"] * 10).save(searched)
+    out = tmp_path / "bench"
+    code, stdout, err = run(capsys, "bench", "--model", "shapes_edit", "--quick", "--samples", 4, "--out-dir", out,
+                            "--policy", searched, "--no-progress")
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {"benchmark.md", "benchmark.json", "fronts.png", "grid.png"}
+    records = __import__("json").loads((out / "benchmark.json").read_text())["records"]
+    families = [r["family"] for r in records]
+    assert families[:5] == ["full", "cond", "text", "joint", "alternating"] and families[-1] == "policy file"
+    full = records[0]
+    assert full["nfe"] == 75 and full["mse"] == 0 and records[1]["nfe"] == 25 and records[-1]["nfe"] == 50
+    md = (out / "benchmark.md").read_text()
+    assert "Full guidance" in md and "## image-cutoff" in md and "## policy file" in md
+    if any(r["edit_success"] >= full["edit_success"] - 0.01 for r in records[1:]):
+        assert "Cheapest policy within 1 point" in md and "% of the NFE saved" in md
+
+
+def test_eval_and_bench_refuse_a_policy_for_the_wrong_number_of_conditions_before_sampling(tmp_path, capsys, builtin_editor):
+    one, two, out = tmp_path / "one.json", tmp_path / "two.json", tmp_path / "records.json"
+    Policy.static(["cfg"] * 25, 4.0).save(one)
+    edit_policy(["edit"] * 25).save(two)
+    for model, policy in (("shapes_edit", one), ("shapes", two)):
+        code, _, err = run(capsys, "eval", "--model", model, "--policy", policy, "--samples", 2, "--json", out)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "condition" in err and str(policy) in err, err
+        assert not out.exists()
+        code, _, err = run(capsys, "bench", "--model", model, "--policy", policy, "--out-dir", tmp_path / "bench")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "condition" in err, err
+        assert not (tmp_path / "bench").exists()

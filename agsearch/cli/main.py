@@ -17,9 +17,11 @@ from pathlib import Path
 
 from agsearch.cli.common import MAX_SEED, MAX_SIZE, UserError, printable
 from agsearch.io import atomic_write_text
-from agsearch.policy import MAX_SCALE, MAX_STEPS, PolicyError
+from agsearch.policy import MAX_SCALE, MAX_STEPS, PolicyError, load_policies
 
 MODELS = ("digits", "shapes", "shapes_edit")  # shapes_edit: the built-in image editor
+MODEL_CONDITIONS = {"digits": (1, "the digits model"), "shapes": (1, "the shapes model"),
+                    "shapes_edit": (2, "the shapes editor")}  # the conditions a model's policies guide on
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,19 +206,6 @@ def cmd_baseline(args) -> int:
     return 0
 
 
-def _load_policies(paths, steps: int, resample: bool):
-    from agsearch.policy import Policy
-
-    policies = []
-    for path in paths:
-        policy = Policy.load(path)
-        try:
-            policies.append(policy.for_steps(steps, resample))
-        except PolicyError as e:
-            raise PolicyError(e.reason, e.pointer, str(path)) from None
-    return policies
-
-
 def cmd_fit_affine(args) -> int:
     from agsearch.baselines import make_baseline
     from agsearch.linear_ag_fit import fit_builtin, r2_table
@@ -258,7 +247,7 @@ def cmd_eval(args) -> int:
         _check_out(args.json)
     if args.captions is not None and args.model != "shapes":
         raise UserError(f"--captions is an option of --model shapes (the {args.model} model has no captions)")
-    policies = _load_policies(args.policy, steps, args.resample)  # all input checked before sampling
+    policies = load_policies(args.policy, steps, *MODEL_CONDITIONS[args.model], args.resample)  # checked before sampling
     evaluator = evaluator_for(args.model, samples=args.samples, seed=args.seed, scheduler=args.scheduler,
                               batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                               captions=args.captions)

@@ -22,7 +22,7 @@ from agsearch.baselines import make_baseline
 from agsearch.eval import evaluator_for
 from agsearch.eval.records import format_table
 from agsearch.io import atomic_write_bytes, atomic_write_text
-from agsearch.policy import Policy
+from agsearch.policy import Policy, load_policies
 
 CUTOFF_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24)
 INTERVAL_WINDOWS = ((1, 8), (2, 8), (1, 12), (2, 12), (4, 12), (1, 16), (2, 16), (4, 16), (2, 20), (4, 20), (6, 20), (4, 24))
@@ -259,7 +259,7 @@ def run_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_size:
         raise ValueError("--records adds evaluated policies to an existing table: it needs --merge")
     imported = [r for path in records_files for r in _eval_records(Path(path), settings, samples, seed)]
     if policies:
-        suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
+        suite += [("policy file", p) for p in load_policies(policies, steps, 1, "the digits model")]
     records = suite_records(evaluator, suite)
     records += imported
     cosines = evaluator.full_cfg_cosines.get((steps, float(scale)))  # γ_t of full CFG's first samples

@@ -38,7 +38,7 @@ from agsearch.eval.bench import (
 )
 from agsearch.eval.records import format_table
 from agsearch.io import atomic_write_text
-from agsearch.policy import Policy
+from agsearch.policy import Policy, load_policies
 
 SPLITS = ("heldout", "train")  # held-out first: the goals are judged there
 SPLIT_TITLES = {"train": "training captions", "heldout": "held-out captions"}
@@ -68,7 +68,7 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     if not quick:
         suite += budget_baselines(suite, steps, scale)
     suite = select_families(suite, families)
-    suite += [("policy file", Policy.load(p).for_steps(steps)) for p in policies]
+    suite += [("policy file", p) for p in load_policies(policies, steps, 1, "the shapes model")]
     if not any(is_full_cfg(p) for _, p in suite):
         suite.insert(0, ("cfg", Policy.static(["cfg"] * steps, scale, name="cfg")))  # the tables' reference row
     pipe, scorer = load_pipeline(device=device), load_scorer().to(device)

@@ -39,7 +39,7 @@ from agsearch.eval.bench import family_tables, plot_front, save_figure, select_f
 from agsearch.eval.records import format_table
 from agsearch.eval.shapes_bench import CHECKPOINT_POLICIES, _read_partial
 from agsearch.io import atomic_write_text
-from agsearch.policy import Policy
+from agsearch.policy import Policy, load_policies
 
 if TYPE_CHECKING:
     from agsearch.eval.shapes_edit import ShapesEditEvaluator
@@ -83,8 +83,7 @@ def run_edit_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batch_
     steps, scale, image_scale = (settings["num_inference_steps"], float(settings["guidance_scale"]),
                                  float(settings["image_guidance_scale"]))
     suite = select_families(edit_suite(steps, scale, image_scale, quick), families)
-    files = [Policy.load(p).require_conditions(2, "the shapes editor").for_steps(steps) for p in policies]
-    suite += [("policy file", p) for p in files]
+    suite += [("policy file", p) for p in load_policies(policies, steps, 2, "the shapes editor")]
     if not any(family == "full" for family, _ in suite):
         suite.insert(0, edit_suite(steps, scale, image_scale)[0])  # the table's reference row
     out_dir = Path(out_dir)

@@ -506,7 +506,6 @@ class EditRunner(PolicyRunner):
     more than the ``cond`` pass (:data:`ENABLE_UNCOND`). ``nfe``, ``ops``, ``gammas`` and
     ``forward_rows`` report as in :class:`PolicyRunner`."""
 
-
     def _start_policy(self, policy: Policy) -> None:
         self.scales = float(policy.guidance_scale), float(policy.image_guidance_scale)
 

@@ -30,6 +30,10 @@ triples of :mod:`agsearch.models.shapes.edits` from the *training* instructions 
 
 The folder is rewritten from the EMA weights every ``--save-every`` steps, and ``--resume``
 continues from the last state in ``--work-dir`` (the same data order as an uninterrupted run).
+``--init-from FOLDER`` starts a further stage from an editor folder this script wrote: its UNet
+trained on (EMA included) with a fresh optimiser and schedule, on the data stream of ``--seed``; the
+folder's ``training.json`` is kept under ``previous_stages`` and the model card lists every stage.
+That is how a run that had not reached its plateau is trained on.
 """
 
 from __future__ import annotations
@@ -101,6 +105,17 @@ def load_base(folder: Path, device):
     return vae, text_encoder, base.tokenizer, base.unet.to(device)
 
 
+def load_stage(folder: Path, device):
+    """The UNet of an editor folder this script wrote, and its training record."""
+    from diffusers import UNet2DConditionModel
+
+    record_file = folder / "training.json"
+    if not record_file.is_file():
+        raise SystemExit(f"--init-from {folder}: no training.json there (not a folder this script wrote)")
+    previous = json.loads(record_file.read_text("utf-8"))
+    return UNet2DConditionModel.from_pretrained(folder / "unet").to(device), previous
+
+
 def save_pipeline(out: Path, base: Path, vae, text_encoder, tokenizer, unet, record: dict):
     """The editor's folder, written beside and then swapped in (a reader never sees half of it)."""
     from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
@@ -133,9 +148,7 @@ def model_card(record: dict, folder: Path) -> str:
     a, p = record["args"], record["parameters"]
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
     n_train, n_held = len(edits.instructions("train")), len(edits.instructions("heldout"))
-    done, minutes = record.get("steps_done", 0), record.get("unet_seconds", 0.0) / 60
     base = "the shipped shapes model" if Path(a["base"]) == PIPELINE_DIR else f"`{a['base']}`"
-    where = "a 2-core CPU (shared with other jobs at times)" if record["device"] == "cpu" else record["device"]
     lines = [
         "# agsearch shapes_edit: a miniature InstructPix2Pix on the shapes scenes",
         "",
@@ -172,20 +185,32 @@ def model_card(record: dict, folder: Path) -> str:
         "",
         "## Training",
         "",
-        f"`{record['command'].strip()}` (seed {a['seed']}, torch {record['torch']}, {record['device']}): {done} steps "
-        f"of batch {a['batch_size']} from {base}, AdamW lr {a['lr']:g} (warm-up {a['warmup']}, cosine to "
-        f"10%), Min-SNR-γ {a['min_snr_gamma']:g}, EMA {a['ema']:g}; instruction dropped with probability "
-        f"{a['drop_text']:g}, image {a['drop_image']:g}, both {a['drop_both']:g}; {minutes:.1f} min on {where}.",
+    ]
+    stages, offset, rows = [*record.get("previous_stages", []), record], 0, []
+    for i, stage in enumerate(stages, 1):
+        a, done, minutes = stage["args"], stage.get("steps_done", 0), stage.get("unet_seconds", 0.0) / 60
+        where = "a 2-core CPU (shared with other jobs at times)" if stage["device"] == "cpu" else stage["device"]
+        start = (f"from {base}" if i == 1 else f"from stage {i - 1}'s EMA weights (`--init-from`), a fresh optimiser "
+                 "and schedule")
+        lines.append(
+            f"{i}. `{stage['command'].strip()}` (seed {a['seed']}, torch {stage['torch']}, {stage['device']}): "
+            f"{done} steps of batch {a['batch_size']} {start}, AdamW lr {a['lr']:g} (warm-up {a['warmup']}, cosine to "
+            f"10%), Min-SNR-γ {a['min_snr_gamma']:g}, EMA {a['ema']:g}; instruction dropped with probability "
+            f"{a['drop_text']:g}, image {a['drop_image']:g}, both {a['drop_both']:g}; {minutes:.1f} min on {where}.")
+        rows += [(offset + h["step"], i, h) for h in stage.get("unet_history", [])]
+        offset += done
+    lines += [
         "",
         f"Loss of the EMA UNet on a fixed batch ({HELD_PER_SPLIT} training and {HELD_PER_SPLIT} held-out "
         "instructions, fixed t and noise; unweighted ε-MSE), and on the held-out instructions with the image "
-        "dropped (the gap is what the editor takes from its input image):",
+        "dropped (the gap is what the editor takes from its input image); steps counted over all stages, "
+        "minutes within each:",
         "",
-        "| step | minutes | training instructions | held-out instructions | held-out, image dropped |",
-        "|---:|---:|---:|---:|---:|",
+        "| step | stage | minutes | training instructions | held-out instructions | held-out, image dropped |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for h in record.get("unet_history", []):
-        lines.append(f"| {h['step']} | {h['seconds'] / 60:.1f} | {h['ema_loss_train_instructions']:.4f} | "
+    for step, i, h in rows:
+        lines.append(f"| {step} | {i} | {h['seconds'] / 60:.1f} | {h['ema_loss_train_instructions']:.4f} | "
                      f"{h['ema_loss_heldout_instructions']:.4f} | {h['ema_loss_heldout_no_image']:.4f} |")
     return "\n".join(lines) + "\n"
 
@@ -210,6 +235,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("runs/shapes_edit"))
     p.add_argument("--work-dir", type=Path, default=Path("runs/train_shapes_edit"))
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None, metavar="FOLDER",
+                   help="an editor folder this script wrote: train its UNet on (a further stage)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -228,8 +255,11 @@ def main(argv=None):
     if base_unet.config.in_channels != LATENT_CHANNELS:
         raise SystemExit(f"--base {args.base}: its UNet takes {base_unet.config.in_channels} channels, expected "
                          f"{LATENT_CHANNELS} (a text-to-image shapes UNet)")
-    unet = edit_unet(base_unet)
+    unet, previous = edit_unet(base_unet), None
     del base_unet
+    if args.init_from is not None and not (args.resume and (args.work_dir / "state.pt").exists()):
+        unet, previous = load_stage(args.init_from, device)
+        log(f"initialised from {args.init_from} (after {previous['steps_done']} steps there)")
     scale = vae.config.scaling_factor
     state_file = args.work_dir / "state.pt"
     record = dict(command="python experiments/train_shapes_edit.py "
@@ -239,6 +269,8 @@ def main(argv=None):
                   parameters=dict(unet=sum(p.numel() for p in unet.parameters()),
                                   text_encoder=sum(p.numel() for p in text_encoder.parameters()),
                                   vae=sum(p.numel() for p in vae.parameters())))
+    if previous is not None:
+        record["previous_stages"] = previous.pop("previous_stages", []) + [previous]
 
     from diffusers import DDPMScheduler
 

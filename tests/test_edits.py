@@ -279,3 +279,12 @@ def test_the_training_script_writes_a_pipeline_that_edits(train_script, tmp_path
     train_script.main(["--steps", "3", "--batch-size", "4", "--log-every", "1", "--save-every", "3",
                        "--threads", "1", "--out", str(out), "--work-dir", str(tmp_path / "work"), "--resume"])
     assert (tmp_path / "work" / "log.txt").read_text().count("resumed at step 2") == 1
+    # a further stage from that folder: its UNet trained on, both stages in the record and the card
+    stage2 = tmp_path / "stage2"
+    train_script.main(["--steps", "2", "--batch-size", "4", "--log-every", "1", "--save-every", "2", "--seed", "1",
+                       "--threads", "1", "--init-from", str(out), "--out", str(stage2),
+                       "--work-dir", str(tmp_path / "work2")])
+    record = __import__("json").loads((stage2 / "training.json").read_text())
+    assert [s["steps_done"] for s in record["previous_stages"]] == [3] and record["steps_done"] == 2
+    card = (stage2 / "README.md").read_text()
+    assert "1. `python experiments/train_shapes_edit.py" in card and "2. `python" in card and "| 5 | 2 |" in card

@@ -19,9 +19,9 @@ from agsearch.cli.common import MAX_SEED, MAX_SIZE, UserError, printable
 from agsearch.io import atomic_write_text
 from agsearch.policy import MAX_SCALE, MAX_STEPS, PolicyError, load_policies
 
-MODELS = ("digits", "shapes", "shapes_edit")  # shapes_edit: the built-in image editor
 MODEL_CONDITIONS = {"digits": (1, "the digits model"), "shapes": (1, "the shapes model"),
-                    "shapes_edit": (2, "the shapes editor")}  # the conditions a model's policies guide on
+                    "shapes_edit": (2, "the shapes editor")}  # the built-in models and the conditions they guide on
+MODELS = tuple(MODEL_CONDITIONS)  # shapes_edit: the built-in image editor
 
 
 class _Parser(argparse.ArgumentParser):

@@ -199,6 +199,11 @@ def model_card(record: dict, folder: Path) -> str:
             f"{a['drop_text']:g}, image {a['drop_image']:g}, both {a['drop_both']:g}; {minutes:.1f} min on {where}.")
         rows += [(offset + h["step"], i, h) for h in stage.get("unet_history", [])]
         offset += done
+    if len(stages) > 1:
+        lines += ["", "To train it again from nothing, run the stages in this order and give each `--init-from` the "
+                  "previous stage's `--out` folder (" + ", ".join(
+                      f"stage {i}: `{s['args']['out']}`" for i, s in enumerate(stages[:-1], 1)) + "); a stage's "
+                  "command above may name the shipped folder, which held the previous stage when it ran."]
     lines += [
         "",
         f"Loss of the EMA UNet on a fixed batch ({HELD_PER_SPLIT} training and {HELD_PER_SPLIT} held-out "

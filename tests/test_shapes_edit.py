@@ -89,6 +89,21 @@ def test_a_refused_edit_search_is_one_line_and_leaves_no_run(tmp_path, capsys, b
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_edit_search_polish_can_start_from_the_cutoff_at_an_odd_surplus(builtin_editor):
+    """edit costs 3: at T + odd budgets the cutoff takes one 2-NFE step after its guided ones, so the
+    polish still compares the gates with the cutoff at the whole budget."""
+    from agsearch.search.gates import PolicySearchModule
+
+    def cutoff(budget):
+        module = PolicySearchModule(model="shapes_edit", space="editing", num_inference_steps=4, budget=budget)
+        picks = module.cutoff_picks()
+        return picks and ([module.candidates[k]["op"] for k in picks], sum(module.costs[k] for k in picks))
+
+    assert cutoff(8) == (["edit", "edit", "cond", "cond"], 8)
+    assert cutoff(9) == (["edit", "edit", "text", "cond"], 9)
+    assert cutoff(11) == (["edit", "edit", "edit", "text"], 11)
+    assert cutoff(12) == (["edit"] * 4, 12)
+
 def test_the_search_backend_encodes_its_training_edits_once(builtin_editor):
     from agsearch.search.backends import ShapesEditBackend
 

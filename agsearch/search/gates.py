@@ -361,17 +361,23 @@ class PolicySearchModule(SearchBase):
                       evaluator.accept, progress=getattr(self, "progress", None))
 
     def cutoff_picks(self, budget: int | None = None) -> list[int] | None:
-        """The cutoff at ``budget`` (CFG at the run's scale for the first budget − T steps, then
-        ``cond``) as op indices, or None where the space cannot express it."""
+        """The cutoff at ``budget`` (full guidance at the run's scales for the first steps, then
+        ``cond``) as op indices, or None where the space cannot express it at exactly that NFE.
+
+        With a 3-NFE full op (an editor's ``edit``) an odd surplus over T leaves one NFE over:
+        the step after the guided ones then takes the space's first 2-NFE op (``text``: one
+        guidance direction), so that the start the polish compares with spends the whole budget.
+        """
         budget = self.hparams.budget if budget is None else budget
         T, full = self.num_inference_steps, self.space.full_op
         if full not in self.candidates or {"op": "cond"} not in self.candidates:
             return None
         k_full, k_cond = self.candidates.index(full), self.candidates.index({"op": "cond"})
         guided, extra = divmod(budget - T, self.costs[k_full] - 1)  # each guided step costs this much more
-        if extra or not 0 <= guided <= T:
+        middle = [k for k, c in enumerate(self.costs) if c == 1 + extra][:1] if extra else []
+        if (extra and not middle) or not 0 <= guided <= T - len(middle):
             return None
-        return [k_full] * guided + [k_cond] * (T - guided)
+        return [k_full] * guided + middle + [k_cond] * (T - guided - len(middle))
 
     def polish_starts(self, batch: dict, picks: list[int], rounds: int) -> tuple[list[int], dict]:
         """``polish`` from the discretised gates or from the cutoff at the budget (where the space

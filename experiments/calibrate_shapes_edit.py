@@ -3,9 +3,12 @@
     python experiments/calibrate_shapes_edit.py            # results/shapes_edit/calibration.* (CPU: see the page)
     python experiments/calibrate_shapes_edit.py --samples 100 --text-scales 2 4 --image-scales 1.5 \\
         --out-dir /tmp/cal --no-settings                    # a quick look
+    python experiments/calibrate_shapes_edit.py --split train --text-scales 3 --image-scales 2 \\
+        --out-dir results/shapes_edit/calibration_train     # the same on training instructions
 
 DDIM, 25 steps, ``--samples`` noises of the calibration seed 2 (held out: the search draws seed 0,
-evaluations seed 1) and edits of held-out instructions drawn by the same seed (the kinds in turn):
+evaluations seed 1) and edits of held-out instructions (``--split train``: of training instructions,
+on scenes and noise no training batch drew) drawn by the same seed (the kinds in turn):
 ``cond`` (the image-and-instruction pass alone, no guidance), then full two-condition guidance at
 every pair (s_T, s_I) of ``--text-scales`` × ``--image-scales`` (InstructPix2Pix:
 ε_∅ + s_T (ε_IT − ε_I) + s_I (ε_I − ε_∅)), all in one streamed pass. Writes into ``--out-dir``:
@@ -17,7 +20,8 @@ every pair (s_T, s_I) of ``--text-scales`` × ``--image-scales`` (InstructPix2Pi
 
 and the best pair (the highest held-out share of edits both done and kept) into the editor's
 benchmark settings, ``agsearch/models/shapes/weights/shapes_edit_benchmark.json``
-(``--no-settings`` leaves them alone), which the editing benchmark and search read.
+(``--no-settings`` leaves them alone), which the editing benchmark and search read. The settings come
+from held-out instructions only: ``--split train`` never writes them.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--seed", type=int, default=CALIBRATION_SEED)
+    p.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                   help="the instructions: held out from training (the default), or training ones")
     p.add_argument("--text-scales", type=float, nargs="+", default=[2, 3, 4, 5, 7.5])
     p.add_argument("--image-scales", type=float, nargs="+", default=[1.25, 1.5, 2.0])
     p.add_argument("--batch-size", type=int, default=250)
@@ -83,7 +89,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     start = time.time()
-    ev = ShapesEditEvaluator(samples=args.samples, seed=args.seed, split="heldout", batch_size=args.batch_size,
+    ev = ShapesEditEvaluator(samples=args.samples, seed=args.seed, split=args.split, batch_size=args.batch_size,
                              device=args.device, progress=not args.no_progress)
     policies = [Policy.static(["cond"] * STEPS, 1.0, image_guidance_scale=1.0, conditions=2, name="cond")]
     policies += [full(s_t, s_i) for s_t, s_i in itertools.product(args.text_scales, args.image_scales)]
@@ -91,12 +97,13 @@ def main(argv=None):
     cond, best = rows[0], max(rows[1:], key=lambda r: (r["edited"], r["edit_success"], -r["guidance_scale"]))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     gain = {k: 100 * (best[k] - cond[k]) for k in ("edit_success", "preservation", "edited")}
+    instructions = "held-out instructions" if args.split == "heldout" else "training instructions"
     command = "python experiments/calibrate_shapes_edit.py" + (" " + " ".join(argv) if argv else "")
     lines = [
         "# Shapes editor: guidance-scale calibration",
         "",
         f"Produced by `{command}` ({time.time() - start:.0f} s on {args.device}). DDIM, {STEPS} steps, "
-        f"{args.samples} edits of held-out instructions and noise of seed {args.seed} (the calibration seed), "
+        f"{args.samples} edits of {instructions} and noise of seed {args.seed} (the calibration seed), "
         "the kinds recolour, move, add, remove in turn. `cond` is the image-and-instruction pass alone; "
         "`full` is two-condition guidance at text scale s_T and image scale s_I. Edit success: the scorer "
         "reads the edited region as the target; preserved: the rest as the source; both: the two at once.",
@@ -116,12 +123,13 @@ def main(argv=None):
     atomic_write_text(args.out_dir / "calibration.md", "\n".join(lines) + "\n")
     atomic_write_text(args.out_dir / "calibration.json", json.dumps(dict(
         best={"guidance_scale": best["guidance_scale"], "image_guidance_scale": best["image_guidance_scale"]},
-        gain_points=gain, steps=STEPS, samples=args.samples, seed=args.seed, command=command, rows=rows),
+        gain_points=gain, steps=STEPS, samples=args.samples, seed=args.seed, split=args.split, command=command,
+        rows=rows),
         indent=1) + "\n")
     plot_curves(rows, best, args.out_dir / "calibration.png")
     edit_grid(ev, {"cond": policies[0], f"full {best['guidance_scale']:g}/{best['image_guidance_scale']:g}":
                    full(best["guidance_scale"], best["image_guidance_scale"])}, args.out_dir / "grid.png", rows=12)
-    if not args.no_settings:
+    if not args.no_settings and args.split == "heldout":
         atomic_write_text(EDIT_BENCHMARK_FILE, json.dumps(dict(
             scheduler="ddim", num_inference_steps=STEPS, guidance_scale=best["guidance_scale"],
             image_guidance_scale=best["image_guidance_scale"],

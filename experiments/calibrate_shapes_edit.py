@@ -16,7 +16,7 @@ every pair (s_T, s_I) of ``--text-scales`` × ``--image-scales`` (InstructPix2Pi
 - ``calibration.md`` / ``calibration.json``: one row per policy — NFE, edit success overall and per
   kind, preservation, both ("edited"), seconds — and the gain of the best pair over ``cond``;
 - ``calibration.png``: edit success, preservation and both against s_T, one line per s_I;
-- ``grid.png``: the same edits and noise: the source, ``cond`` and full guidance at the best pair;
+- ``calibration_grid.png``: the same edits and noise: the source, ``cond`` and full guidance at the best pair;
 
 and the best pair (the highest held-out share of edits both done and kept) into the editor's
 benchmark settings, ``agsearch/models/shapes/weights/shapes_edit_benchmark.json``
@@ -118,7 +118,7 @@ def main(argv=None):
         "",
         "![edit success, preservation and both against the scales](calibration.png)",
         "",
-        "![the same edits under cond and full guidance](grid.png)",
+        "![the same edits under cond and full guidance](calibration_grid.png)",
     ]
     atomic_write_text(args.out_dir / "calibration.md", "\n".join(lines) + "\n")
     atomic_write_text(args.out_dir / "calibration.json", json.dumps(dict(
@@ -128,14 +128,15 @@ def main(argv=None):
         indent=1) + "\n")
     plot_curves(rows, best, args.out_dir / "calibration.png")
     edit_grid(ev, {"cond": policies[0], f"full {best['guidance_scale']:g}/{best['image_guidance_scale']:g}":
-                   full(best["guidance_scale"], best["image_guidance_scale"])}, args.out_dir / "grid.png", rows=12)
+                   full(best["guidance_scale"], best["image_guidance_scale"])},
+              args.out_dir / "calibration_grid.png", rows=12)
     if not args.no_settings and args.split == "heldout":
         atomic_write_text(EDIT_BENCHMARK_FILE, json.dumps(dict(
             scheduler="ddim", num_inference_steps=STEPS, guidance_scale=best["guidance_scale"],
             image_guidance_scale=best["image_guidance_scale"],
             source=f"experiments/calibrate_shapes_edit.py, {args.samples} held-out edits"), indent=1) + "\n")
     print("\n".join(lines[:6]))
-    print(f"wrote {args.out_dir}/calibration.md, .json, .png, grid.png")
+    print(f"wrote {args.out_dir}/calibration.md, .json, .png, calibration_grid.png")
 
 
 if __name__ == "__main__":

@@ -130,8 +130,33 @@ def test_the_edit_benchmark_writes_its_files_and_the_cheapest_policy_within_a_po
     assert full["nfe"] == 75 and full["mse"] == 0 and records[1]["nfe"] == 25 and records[-1]["nfe"] == 50
     md = (out / "benchmark.md").read_text()
     assert "Full guidance" in md and "## image-cutoff" in md and "## policy file" in md
+    assert "within 1 point of full guidance's edit success**" in md
+    assert "within 1 point of full guidance's edit success and preservation**" in md
     if any(r["edit_success"] >= full["edit_success"] - 0.01 for r in records[1:]):
-        assert "Cheapest policy within 1 point" in md and "% of the NFE saved" in md
+        assert "% of the NFE saved" in md
+
+    # --resume from the finished run: only an added policy is evaluated, and the files are written again
+    added = tmp_path / "added.json"
+    edit_policy(["edit"] * 5 + ["cond"] * 20).save(added)
+    code, _, err = run(capsys, "bench", "--model", "shapes_edit", "--quick", "--samples", 4, "--out-dir", out,
+                       "--policy", searched, "--policy", added, "--resume", "--no-progress")
+    assert code == 0, err
+    assert f"reusing {len(records)} of {len(records) + 1} policies from {out / 'benchmark.json'}" in err, err
+    again = __import__("json").loads((out / "benchmark.json").read_text())["records"]
+    assert again[:-1] == records and again[-1]["nfe"] == 35
+
+
+def test_the_cheapest_policy_within_a_point_can_ask_for_preservation_too():
+    from agsearch.eval.shapes_edit_bench import KEPT, cheapest_within
+
+    full = {"nfe": 75, "edit_success": 0.56, "preservation": 0.49}
+    text = {"nfe": 50, "edit_success": 0.595, "preservation": 0.385}
+    searched = {"nfe": 50, "edit_success": 0.55, "preservation": 0.485}  # exactly 1 point below: within
+    ag = {"nfe": 64.6, "edit_success": 0.555, "preservation": 0.483}
+    assert cheapest_within([ag, text], full) is text
+    assert cheapest_within([ag, text], full, keys=KEPT) is ag
+    assert cheapest_within([ag, text, searched], full, keys=KEPT) is searched
+    assert cheapest_within([text], full, keys=KEPT) is None
 
 
 def test_eval_and_bench_refuse_a_policy_for_the_wrong_number_of_conditions_before_sampling(tmp_path, capsys, builtin_editor):

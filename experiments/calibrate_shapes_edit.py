@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -98,7 +100,8 @@ def main(argv=None):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     gain = {k: 100 * (best[k] - cond[k]) for k in ("edit_success", "preservation", "edited")}
     instructions = "held-out instructions" if args.split == "heldout" else "training instructions"
-    command = "python experiments/calibrate_shapes_edit.py" + (" " + " ".join(argv) if argv else "")
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python", "experiments/calibrate_shapes_edit.py", *map(shlex.quote, given)])
     lines = [
         "# Shapes editor: guidance-scale calibration",
         "",

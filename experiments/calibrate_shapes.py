@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -118,6 +120,7 @@ def main(argv=None):
     p.add_argument("--no-settings", action="store_true", help="do not write the model's benchmark settings")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv  # for the files' command line
     from agsearch.models.shapes import load_pipeline, load_scorer
 
     start = time.time()
@@ -140,7 +143,7 @@ def main(argv=None):
     lines = [
         "# Shapes model: guidance-scale calibration",
         "",
-        f"Produced by `python experiments/calibrate_shapes.py{' ' + ' '.join(argv) if argv else ''}` "
+        f"Produced by `{' '.join(['python', 'experiments/calibrate_shapes.py', *map(shlex.quote, given)])}` "
         f"({time.time() - start:.0f} s). DDIM, {STEPS} steps, {args.samples} samples per row, noise seed "
         f"{args.seed} (the calibration seed, held out), captions drawn by the same seed (categories in turn); the unconditional "
         "pass is the empty prompt. MSE/PSNR: against full CFG at the best scale from the same noise. "

@@ -269,6 +269,11 @@ def test_shapes_benchmark_resumes_from_its_last_checkpoint(tmp_path, capsys, mon
     # a resumed run may add policies: the records of the policies both suites start with are kept
     assert bench(tmp_path / "grow", "--families", "cfg", "cond", stop=2) == 130  # held-out set done, Ctrl-C in train
     assert bench(tmp_path / "grow", "--resume") == 0 and calls[0] == ("heldout", per_set - 2)
+    # a finished run's benchmark.json keeps its protocols: --resume evaluates only what was added
+    assert bench(tmp_path / "grow", "--resume") == 0 and calls == []
+    assert bench(tmp_path / "grow", "--resume", "--families", "cfg", "cond", "cutoff", "ag-x0") == 0
+    assert calls and all(n <= 2 for _, n in calls) and sum(n for _, n in calls) == 2  # one AG policy per set
+    assert bench(tmp_path / "grow", "--resume", samples=3) == 0 and sum(n for _, n in calls) == 2 * per_set
 
 
 def test_eval_with_a_bad_caption_file_exits_2_and_writes_nothing(tmp_path, capsys):

@@ -77,14 +77,19 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
         suite.insert(0, ("cfg", Policy.static(["cfg"] * steps, scale, name="cfg")))  # the tables' reference row
     pipe, scorer = load_pipeline(device=device), load_scorer().to(device)
     out_dir = Path(out_dir)
-    records, cosines = {}, {}
+    records, cosines, protocols = {}, {}, {}
     for split in splits:
         partial = out_dir / f"benchmark.{split}.partial.json"
         protocol = {"samples": samples, "seed": seed, "captions": split, "settings": settings,
                     "policies": [[family, policy.to_dict()] for family, policy in suite]}
-        done, cosine = _read_partial(partial, protocol) if resume else ([], None)
+        done, cosine, source = [], None, partial
+        if resume:  # the partial of a run cut short, else a finished run's benchmark.json (it keeps its protocols)
+            for source in (partial, out_dir / "benchmark.json"):
+                done, cosine = _read_partial(source, protocol, split)
+                if done:
+                    break
         if done:
-            print(f"{SPLIT_TITLES[split]}: reusing {len(done)} of {len(suite)} policies from {partial} (--resume)",
+            print(f"{SPLIT_TITLES[split]}: reusing {len(done)} of {len(suite)} policies from {source} (--resume)",
                   file=sys.stderr)
         if len(done) < len(suite):
             evaluator = ShapesEvaluator(samples=samples, seed=seed, captions=split, scheduler=settings["scheduler"],
@@ -95,7 +100,7 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
             cosine = cosine if cosine is not None else evaluator.full_cfg_cosines.get((steps, scale))
             atomic_write_text(partial, json.dumps({"protocol": protocol, "records": done, "cosines": (
                 None if cosine is None else [c.tolist() for c in cosine])}) + "\n")
-        records[split], cosines[split] = done, cosine
+        records[split], cosines[split], protocols[split] = done, cosine, protocol
 
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
     command = " ".join(["agsearch", "bench", *map(shlex.quote, argv)])
@@ -125,7 +130,9 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
         md += [f"## {SPLIT_TITLES[split].capitalize()}", "", *family_tables(rows, FAMILY_ORDER, heading="###")]
     atomic_write_text(out_dir / "benchmark.md", "\n".join(md))
     atomic_write_text(out_dir / "benchmark.json", json.dumps(
-        {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records},
+        {"command": command, "settings": settings, "samples": samples, "seed": seed, "records": records,
+         "protocols": protocols, "cosines": {split: None if c is None else [x.tolist() for x in c]
+                                             for split, c in cosines.items()}},
         indent=2) + "\n")
     for split in splits:
         (out_dir / f"benchmark.{split}.partial.json").unlink(missing_ok=True)  # the tables hold them now
@@ -135,16 +142,20 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     return records
 
 
-def _read_partial(path: Path, protocol: dict) -> tuple[list[dict], tuple | None]:
+def _read_partial(path: Path, protocol: dict, split: str | None = None) -> tuple[list[dict], tuple | None]:
     """(records, cosines) an earlier run left for a caption set under the same samples, seed and
     settings: the records of the longest run of policies both suites start with (so a resumed run
     may add or change policies after them), and full CFG's γ_t (None until its group ran); ([], None)
-    when there is nothing to take."""
+    when there is nothing to take. ``path`` is a checkpoint (one caption set), or with ``split`` a
+    finished run's benchmark.json, which keeps every set's protocol, records and cosines."""
     import torch
 
     try:
         kept = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if split is not None and "protocols" in kept:
+            kept = {"protocol": kept["protocols"].get(split), "records": kept["records"].get(split, []),
+                    "cosines": (kept.get("cosines") or {}).get(split)}
+    except (OSError, ValueError, AttributeError):
         return [], None  # absent, or cut short: evaluate again
     old, new = kept.get("protocol") or {}, json.loads(json.dumps(protocol))
     if {k: v for k, v in old.items() if k != "policies"} != {k: v for k, v in new.items() if k != "policies"}:
@@ -232,12 +243,13 @@ def _matched_table(rows: list[dict]) -> list[str]:
         return "–" if b is None else f"{100 * b['adherence']:.1f} / {b['mse']:.5f}"
 
     lines = ["| policy | NFE | adherence % / MSE | cutoff at its NFE | best interval at its NFE "
-             "| AG (x̂₀, interpolated) | ≥ both in adherence, < both in MSE |",
-             "|---|---:|---:|---:|---:|---:|:---:|"]
+             "| AG (x̂₀, interpolated) | MSE ÷ AG's | ≥ both in adherence, < both in MSE |",
+             "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for m in matched:
         verdict = {True: "yes", False: "no"}.get(m.get("beats"), "–")
+        ratio = "–" if m["ag"] is None or m["ag"]["mse"] <= 0 else f"{m['mse'] / m['ag']['mse']:.2f}"
         lines.append(f"| {m['policy']} | {m['nfe']:.2f} | {cell(m)} | {cell(m['cutoff'])} | {cell(m['interval'])} "
-                     f"| {cell(m['ag'])} | {verdict} |")
+                     f"| {cell(m['ag'])} | {ratio} | {verdict} |")
     return lines
 
 

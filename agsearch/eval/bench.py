@@ -113,12 +113,13 @@ def plot_front(ax, records: list[dict], metric: str, styles: dict[str, str], yla
 
     A rate (in [0, 1]) is drawn in percent; ``mse`` on a log axis, without the reference itself
     (MSE 0 has no place there)."""
-    for family, style in styles.items():
+    for i, (family, style) in enumerate(styles.items()):  # a family's colour by its place in styles, in every panel
         chosen = sorted((r for r in records if r["family"] == family and (metric != "mse" or r["mse"])),
                         key=lambda r: r["nfe"])
         if chosen:
             values = [r[metric] if metric == "mse" else 100 * r[metric] for r in chosen]
-            ax.plot([r["nfe"] for r in chosen], values, style, label=family, ms=12 if "*" in style else 6)
+            ax.plot([r["nfe"] for r in chosen], values, style, label=family, ms=12 if "*" in style else 6,
+                    color=f"C{i % 10}")
     if metric == "mse":
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -110,7 +110,7 @@ def run_shapes_benchmark(out_dir: Path, samples: int = 1000, seed: int = 1, batc
     last = "heldout" if "heldout" in cosines else splits[-1]
     cosine_title = title.replace(", w = ", ",\nw = ", 1) + f"; {SPLIT_TITLES[last]}"  # two lines: the plot is narrow
     plot_cosine(*cosines[last], out_dir / "cosine.png", cosine_title)
-    grid = grid_policies(suite, steps, scale)
+    grid = grid_policies(suite, steps, scale, records.get("heldout", ()))
     sample_grid(pipe, scorer, grid, out_dir / "grid.png", device, seed)
     md = ["# Benchmark on the built-in shapes text-to-image model", "",
           f"Produced by `{command}` ({title}). Every policy sees the same noise and captions; MSE and PSNR are",
@@ -291,10 +291,11 @@ def plot_fronts(records: dict[str, list[dict]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def grid_policies(suite, steps: int, scale: float) -> dict[str, Policy]:
+def grid_policies(suite, steps: int, scale: float, rows: list[dict] = ()) -> dict[str, Policy]:
     """The grid's columns: full CFG, conditional only, the cutoff at 35 NFE (of 2·25) and the policy
     file nearest 35 NFE (static ones by their NFE; adaptive ones are left out: their NFE is known
-    only after sampling)."""
+    only after sampling); of several at that NFE, the one with the highest adherence in ``rows``
+    (the held-out records), then the lowest MSE."""
     from agsearch.baselines import make_baseline
 
     k = round(steps * (GRID_NFE / 50 * 2 - 1))  # 10 of 25 steps: 35 NFE of 50
@@ -302,7 +303,8 @@ def grid_policies(suite, steps: int, scale: float) -> dict[str, Policy]:
                f"cutoff {k}/{steps} ({steps + k} NFE)": make_baseline("cutoff", steps, scale, fraction=k / steps)}
     files = [p for family, p in suite if family == "policy file" and p.nfe is not None]
     if files:
-        best = min(files, key=lambda p: abs(p.nfe - (steps + k)))
+        scores = {r["name"]: (-r["adherence"], r["mse"]) for r in rows if r["family"] == "policy file"}
+        best = min(files, key=lambda p: (abs(p.nfe - (steps + k)), scores.get(p.label(), (0.0, 0.0))))
         columns[f"{best.label()} ({best.nfe} NFE)"] = best
     return columns
 
@@ -335,8 +337,10 @@ def sample_grid(pipe, scorer, policies: dict[str, Policy], path: Path, device, s
         runs[name] = (images, [scenes.satisfies(s, c) for s, c in zip(scorer.read(images), listed)])
     width = per_caption * len(runs) + len(runs) - 1
     ratios = ([0.9] * per_caption + [0.15]) * (len(runs) - 1) + [0.9] * per_caption
-    fig, axes = plt.subplots(len(caps), width, figsize=(0.9 * per_caption * len(runs) + 3.4, len(caps) * 0.95),
-                             gridspec_kw={"width_ratios": ratios}, squeeze=False)
+    size = (0.9 * per_caption * len(runs) + 0.15 * (len(runs) - 1) + 3.0, len(caps) * 0.95 + 0.6)  # inches
+    fig, axes = plt.subplots(len(caps), width, figsize=size, squeeze=False, gridspec_kw={
+        "width_ratios": ratios, "wspace": 0.1, "hspace": 0.1, "left": 2.9 / size[0], "right": 0.995,
+        "top": 1 - 0.55 / size[1], "bottom": 0.01})  # fixed margins: the captions on the left, the titles on top
     for row, cap in enumerate(caps):
         for block, (name, (images, ok)) in enumerate(runs.items()):
             for k in range(per_caption):
@@ -353,5 +357,4 @@ def sample_grid(pipe, scorer, policies: dict[str, Policy], path: Path, device, s
                 axes[row, (block + 1) * (per_caption + 1) - 1].axis("off")
         axes[row, 0].set_ylabel(cap.text, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"{SPLIT_TITLES[split]}, same noise; green frame: the scorer finds the caption satisfied", fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path, dpi=110)
